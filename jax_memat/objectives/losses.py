@@ -1,0 +1,154 @@
+"""Standard training, PGD-AT (Madry et al., 2018) and TRADES (Zhang et al., 2019).
+
+Each builder returns a per-example loss ``loss_fn(params, model_state, batch,
+key) -> (loss[B], aux)``. The adversarial example is crafted with BatchNorm in
+inference mode and never changes the model state; the update's forward pass uses
+training mode (the authors' code does the same: ``model.eval()`` while
+attacking, ``model.train()`` for the loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jax_memat.attacks import AttackSpec, make_attack
+from jax_memat.attacks.losses import cross_entropy, kl_divergence
+
+OBJECTIVE_NAMES = ("standard", "pgd_at", "trades")
+
+# apply(variables, images, train) -> (logits, new_model_state)
+ApplyFn = Callable[[Any, jax.Array, bool], tuple[jax.Array, Any]]
+# loss_fn(params, model_state, batch, key) -> (per_example_loss[B], aux)
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+# regularizer(logits, batch) -> per-example penalty [B]; added to the attack
+# objective and to the training loss (the hook temporal ensembling plugs into).
+Regularizer = Callable[[jax.Array, dict], jax.Array]
+
+
+def validate_objective_name(name: str) -> None:
+    """Raises ``ValueError`` unless ``name`` is one of ``OBJECTIVE_NAMES``."""
+    if name not in OBJECTIVE_NAMES:
+        raise ValueError(
+            f"Unknown objective {name!r}; accepted objectives: {', '.join(OBJECTIVE_NAMES)}."
+        )
+
+
+def make_objective(
+    name: str,
+    apply_fn: ApplyFn,
+    attack: AttackSpec | None = None,
+    *,
+    beta: float = 6.0,
+    regularizer: Regularizer | None = None,
+) -> LossFn:
+    """Builds a per-example training objective.
+
+    Args:
+      name: one of ``OBJECTIVE_NAMES``: ``"standard"`` (cross-entropy on clean
+        inputs), ``"pgd_at"`` (cross-entropy on PGD examples) or ``"trades"``
+        (``CE(f(x), y) + beta * KL(f(x) || f(x'))`` with ``x'`` from the TRADES
+        KL attack).
+      apply_fn: the model function ``apply(variables, images, train)``.
+      attack: the training attack (ignored by ``"standard"``). For ``"trades"``
+        its name is forced to ``"trades"`` (the KL attack from ``x + 0.001 N(0, 1)``).
+      beta: the TRADES trade-off (the paper uses 6).
+      regularizer: optional ``(logits, batch) -> [B]`` penalty on the logits the
+        loss is computed on; it is also added to the attack objective
+        (temporal ensembling uses this hook).
+
+    Returns:
+      ``loss_fn(params, model_state, batch, key) -> (per_example_loss, aux)``
+      with ``aux = {"model_state": ..., "per_example": {"logits": ...}}``; the
+      logits are those the model was trained on (adversarial for PGD-AT, natural
+      for standard training, adversarial for TRADES, with the natural ones under
+      ``"logits_natural"``).
+
+    Example:
+      >>> loss_fn = make_objective("pgd_at", apply_fn, AttackSpec("pgd", 8/255, 2/255, 10))
+      >>> per_example, aux = loss_fn(params, model_state, batch, key)
+    """
+    validate_objective_name(name)
+    if name != "standard":
+        if attack is None:
+            raise ValueError(f"Objective {name!r} needs an attack spec; got None.")
+        attack.validate()
+    if beta < 0:
+        raise ValueError(f"TRADES beta must be >= 0; got {beta}.")
+
+    def penalty(logits: jax.Array, batch: dict) -> jax.Array:
+        if regularizer is None:
+            return jnp.zeros(logits.shape[0], jnp.float32)
+        return regularizer(logits, batch)
+
+    def variables_of(params, model_state):
+        return {"params": params, **model_state}
+
+    if name == "standard":
+
+        def standard_loss(params, model_state, batch, key):
+            del key
+            logits, new_state = apply_fn(variables_of(params, model_state), batch["image"], True)
+            loss = cross_entropy(logits, batch["label"]) + penalty(logits, batch)
+            return loss, {"model_state": new_state, "per_example": {"logits": logits}}
+
+        return standard_loss
+
+    if name == "pgd_at":
+        run_attack = make_attack(attack)
+
+        def pgd_at_loss(params, model_state, batch, key):
+            variables = variables_of(params, model_state)
+            extra = None if regularizer is None else (lambda lg: regularizer(lg, batch))
+            x_adv = run_attack(
+                apply_fn,
+                jax.lax.stop_gradient(variables),
+                batch["image"],
+                batch["label"],
+                key,
+                objective_extra=extra,
+            )
+            logits, new_state = apply_fn(variables, x_adv, True)
+            loss = cross_entropy(logits, batch["label"]) + penalty(logits, batch)
+            return loss, {"model_state": new_state, "per_example": {"logits": logits}}
+
+        return pgd_at_loss
+
+    trades_spec = AttackSpec(
+        name="trades",
+        eps=attack.eps,
+        step_size=attack.step_size,
+        steps=attack.steps,
+        norm=attack.norm,
+        random_start=attack.random_start,
+    )
+    run_trades_attack = make_attack(trades_spec)
+
+    def trades_loss(params, model_state, batch, key):
+        variables = variables_of(params, model_state)
+        extra = None if regularizer is None else (lambda lg: regularizer(lg, batch))
+        x_adv = run_trades_attack(
+            apply_fn,
+            jax.lax.stop_gradient(variables),
+            batch["image"],
+            batch["label"],
+            key,
+            objective_extra=extra,
+        )
+        # Two training-mode passes, natural then adversarial, exactly as the
+        # TRADES code: BatchNorm running statistics are updated by both.
+        logits_nat, state_nat = apply_fn(variables, batch["image"], True)
+        logits_adv, new_state = apply_fn(variables_of(params, state_nat), x_adv, True)
+        loss = cross_entropy(logits_nat, batch["label"]) + beta * kl_divergence(
+            logits_nat, logits_adv
+        )
+        loss = loss + penalty(logits_nat, batch)
+        return loss, {
+            "model_state": new_state,
+            "per_example": {"logits": logits_adv, "logits_natural": logits_nat},
+        }
+
+    return trades_loss
