@@ -1,0 +1,297 @@
+"""The run configuration: defaults, validation, and workdir compatibility.
+
+A config is an ``ml_collections.ConfigDict`` of primitives and strings;
+models, objectives, attacks and schedules are chosen by registry name. It is
+validated as a whole before any data is read or anything compiles, and every
+problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+from jax_memat.attacks import NORMS
+from jax_memat.data import DATASET_NAMES
+from jax_memat.data.corruptions import IMAGE_CORRUPTIONS
+from jax_memat.models import MODEL_NAMES
+from jax_memat.objectives import OBJECTIVE_NAMES
+from jax_memat.training.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES
+
+if TYPE_CHECKING:
+    import ml_collections
+
+CONFIG_FILE = "config.json"
+# Fields that may change between a run and its resumption (they do not affect
+# the numbers): logging cadence and display.
+RESUMABLE_FIELDS = ("epochs", "log_every_steps", "progress_bar", "tensorboard")
+
+
+class ConfigError(ValueError):
+    """The config has invalid fields; the message lists each one."""
+
+
+class WorkdirConflictError(RuntimeError):
+    """The workdir holds a run of a different config."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The base config: PGD-AT on CIFAR-10 with a PreActResNet-18, the TE study's settings.
+
+    Every experiment family in ``configs/`` overrides this.
+
+    Example:
+      >>> config = default_config()
+      >>> config.dataset.name = "fashion_mnist"
+    """
+    import ml_collections  # imported here so the library runs without it
+
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.epochs = 200
+    c.batch_size = 128  # global, over all devices
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "cifar10"
+    c.dataset.source = "auto"  # auto | tfds | idx (MNIST-like only)
+    c.dataset.data_dir = ""  # "" = default locations
+    c.dataset.num_train_examples = -1  # -1 = all
+    c.dataset.num_test_examples = -1
+    c.dataset.label_noise = 0.0  # symmetric noise rate r in [0, 1]
+    c.dataset.image_corruption = "none"
+    c.dataset.corruption_seed = 0
+    c.dataset.augment = True  # random crop + horizontal flip
+    c.dataset.crop_padding = 4
+    c.dataset.flip = True
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "preact_resnet18"
+    c.model.depth = 28  # wide_resnet only
+    c.model.width = 10  # wide_resnet only
+    c.model.dtype = "float32"  # compute dtype; bfloat16 = mixed precision
+
+    c.objective = ml_collections.ConfigDict()
+    c.objective.name = "pgd_at"
+    c.objective.beta = 6.0  # TRADES
+
+    c.attack = ml_collections.ConfigDict()  # the training attack
+    c.attack.norm = "linf"
+    c.attack.eps = 8 / 255
+    c.attack.step_size = 2 / 255
+    c.attack.steps = 10
+    c.attack.random_start = True
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"
+    c.optimizer.learning_rate = 0.1
+    c.optimizer.momentum = 0.9
+    c.optimizer.nesterov = False
+    c.optimizer.weight_decay = 5e-4
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "multistep"
+    c.schedule.milestones = (100, 150)  # epochs, for multistep
+    c.schedule.step_every = 100  # epochs, for step
+    c.schedule.gamma = 0.1
+
+    c.eval = ml_collections.ConfigDict()  # per-epoch evaluation
+    c.eval.every_epochs = 1
+    c.eval.batch_size = 256
+    c.eval.pgd_steps = 10  # PGD-k in the per-epoch logs (step size = attack.step_size)
+    c.eval.cw = False  # also PGD-k on the CW margin loss every epoch
+    c.eval.num_train_examples = -1  # training examples evaluated (-1 = all)
+    c.eval.num_test_examples = -1
+    c.eval.save_per_example = True
+
+    c.final_eval = ml_collections.ConfigDict()  # the final report, best and final checkpoints
+    c.final_eval.pgd_steps = 20
+    c.final_eval.cw = True  # PGD on the CW margin loss, same steps
+
+    c.log_every_steps = 50
+    c.progress_bar = True
+    c.tensorboard = True
+    return c
+
+
+MODEL_ALIASES = {"preact18": "preact_resnet18"}
+
+
+def set_model(config: ml_collections.ConfigDict, model: str) -> None:
+    """Sets ``config.model`` from a registry name, an alias or ``wrnD_W``.
+
+    ``wrn34_10`` is a WideResNet of depth 34 and width 10; ``preact18`` is
+    ``preact_resnet18``. Used by the experiment configs' string arguments.
+    """
+    if model.startswith("wrn"):
+        try:
+            depth, width = (int(v) for v in model[3:].split("_"))
+        except ValueError:
+            raise ConfigError(
+                f"WideResNet model {model!r}: write it as wrnDEPTH_WIDTH, e.g. wrn34_10."
+            ) from None
+        config.model.name, config.model.depth, config.model.width = "wide_resnet", depth, width
+    else:
+        config.model.name = MODEL_ALIASES.get(model, model)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every field; raises ``ConfigError`` listing all problems found.
+
+    Runs before any data is loaded or anything compiles.
+    """
+    c = config
+    errors: list[str] = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    def one_of(value: Any, accepted: tuple, field: str) -> None:
+        check(value in accepted, f"{field}={value!r} is not accepted; use one of {accepted}.")
+
+    def number(value: Any, field: str, lo: float, hi: float, lo_open=False, hi_open=False):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ok = (
+            ok
+            and (value > lo if lo_open else value >= lo)
+            and (value < hi if hi_open else value <= hi)
+        )
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        check(ok, f"{field}={value!r} is out of range; accepted: a number in {lb}{lo}, {hi}{rb}.")
+
+    def positive_int(value: Any, field: str, allow_minus_one=False, allow_zero=False):
+        ok = _is_int(value) and (value > 0 or (allow_zero and value == 0))
+        ok = ok or (allow_minus_one and value == -1)
+        extra = " (or -1 for all)" if allow_minus_one else ""
+        kind = "a non-negative integer" if allow_zero else "a positive integer"
+        check(ok, f"{field}={value!r} is invalid; accepted: {kind}{extra}.")
+
+    try:
+        positive_int(c.epochs, "epochs")
+        positive_int(c.batch_size, "batch_size")
+        check(_is_int(c.seed) and c.seed >= 0, f"seed={c.seed!r}: use a non-negative integer.")
+
+        d = c.dataset
+        one_of(d.name, DATASET_NAMES, "dataset.name")
+        one_of(d.source, ("auto", "tfds", "idx"), "dataset.source")
+        positive_int(d.num_train_examples, "dataset.num_train_examples", allow_minus_one=True)
+        positive_int(d.num_test_examples, "dataset.num_test_examples", allow_minus_one=True)
+        number(d.label_noise, "dataset.label_noise", 0.0, 1.0)
+        one_of(d.image_corruption, IMAGE_CORRUPTIONS, "dataset.image_corruption")
+        positive_int(d.crop_padding, "dataset.crop_padding", allow_zero=True)
+
+        m = c.model
+        one_of(m.name, MODEL_NAMES, "model.name")
+        one_of(m.dtype, ("float32", "bfloat16"), "model.dtype")
+        if m.name == "wide_resnet":
+            check(
+                _is_int(m.depth) and m.depth >= 10 and (m.depth - 4) % 6 == 0,
+                f"model.depth={m.depth!r}: a WideResNet depth must be 6n+4 (e.g. 16, 28, 34).",
+            )
+            positive_int(m.width, "model.width")
+
+        one_of(c.objective.name, OBJECTIVE_NAMES, "objective.name")
+        number(c.objective.beta, "objective.beta", 0.0, math.inf, hi_open=True)
+
+        a = c.attack
+        one_of(a.norm, NORMS, "attack.norm")
+        number(
+            a.eps,
+            "attack.eps",
+            0.0,
+            1.0 if a.norm == "linf" else math.inf,
+            hi_open=a.norm != "linf",
+        )
+        number(a.step_size, "attack.step_size", 0.0, math.inf, lo_open=True, hi_open=True)
+        positive_int(a.steps, "attack.steps", allow_zero=True)
+
+        o = c.optimizer
+        one_of(o.name, OPTIMIZER_NAMES, "optimizer.name")
+        number(
+            o.learning_rate, "optimizer.learning_rate", 0.0, math.inf, lo_open=True, hi_open=True
+        )
+        number(o.momentum, "optimizer.momentum", 0.0, 1.0, hi_open=True)
+        number(o.weight_decay, "optimizer.weight_decay", 0.0, math.inf, hi_open=True)
+
+        s = c.schedule
+        one_of(s.name, SCHEDULE_NAMES, "schedule.name")
+        number(s.gamma, "schedule.gamma", 0.0, 1.0, lo_open=True)
+        if s.name == "multistep":
+            check(
+                all(_is_int(x) and x > 0 for x in s.milestones),
+                f"schedule.milestones={tuple(s.milestones)!r}: use positive epoch numbers.",
+            )
+        if s.name == "step":
+            positive_int(s.step_every, "schedule.step_every")
+
+        e = c.eval
+        positive_int(e.every_epochs, "eval.every_epochs")
+        positive_int(e.batch_size, "eval.batch_size")
+        positive_int(e.pgd_steps, "eval.pgd_steps", allow_zero=True)
+        positive_int(e.num_train_examples, "eval.num_train_examples", allow_minus_one=True)
+        positive_int(e.num_test_examples, "eval.num_test_examples", allow_minus_one=True)
+        positive_int(c.final_eval.pgd_steps, "final_eval.pgd_steps", allow_zero=True)
+        positive_int(c.log_every_steps, "log_every_steps")
+    except AttributeError as err:
+        errors.append(f"missing field: {err}. Start from jax_memat.training.default_config().")
+
+    if errors:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    """A JSON-compatible dict (tuples become lists)."""
+    return json.loads(config.to_json())
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Compares ``config`` with the one saved in ``workdir``.
+
+    Returns:
+      True if the workdir already holds this config's run (resume), False if it
+      holds none.
+
+    Raises:
+      WorkdirConflictError: the workdir holds a run of a different config; the
+        message lists the differing fields. Nothing is written.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        saved = _flatten(json.load(f))
+    current = _flatten(config_to_dict(config))
+    diffs = [
+        f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)
+    ]
+    if diffs:
+        raise WorkdirConflictError(
+            f"The workdir {workdir} holds a run of a different config; refusing to touch it.\n"
+            "  Differences:\n    " + "\n    ".join(diffs) + "\n"
+            "  Use a new --workdir, or the saved config to resume."
+        )
+    return True
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the resolved config as ``<workdir>/config.json``."""
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        json.dump(config_to_dict(config), f, indent=2, sort_keys=True)

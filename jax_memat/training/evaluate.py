@@ -1,0 +1,116 @@
+"""Natural and adversarial accuracy with per-example results.
+
+Evaluation walks the dataset in fixed-shape batches (the last one padded and
+masked) so it compiles once, and returns per-example arrays (correctness and
+loss under each attack) for the memorization analyses, plus their means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jax_memat.attacks import AttackSpec, make_attack
+from jax_memat.attacks.losses import cross_entropy
+from jax_memat.data import eval_batches
+from jax_memat.training.mesh import batch_sharded, replicated, shard_batch
+
+EvalFn = Callable[..., dict]
+
+
+def make_eval_fn(apply_fn, attacks: Mapping[str, AttackSpec], mesh: Mesh) -> EvalFn:
+    """Jitted ``eval_fn(variables, images_u8, labels, indices, key) -> per-example dict``.
+
+    Args:
+      apply_fn: the model function (called in inference mode only).
+      attacks: name -> attack spec, e.g. ``{"pgd10": AttackSpec("pgd", ...)}``.
+      mesh: the device mesh; the dataset is replicated, the indices split.
+
+    Returns:
+      A function whose output has, per example, ``natural_correct`` and
+      ``natural_loss`` and, for every attack name ``a``, ``a_correct`` and
+      ``a_loss`` (cross-entropy at the adversarial point).
+    """
+    runners = {}
+    for name, spec in attacks.items():
+        spec.validate()
+        runners[name] = make_attack(spec)
+
+    def eval_fn(variables, images, labels, indices, key):
+        x = images[indices].astype(jnp.float32) / 255.0
+        y = labels[indices]
+        logits, _ = apply_fn(variables, x, False)
+        out = {
+            "natural_correct": jnp.argmax(logits, -1) == y,
+            "natural_loss": cross_entropy(logits, y),
+        }
+        for i, (name, run) in enumerate(sorted(runners.items())):
+            x_adv = run(apply_fn, variables, x, y, jax.random.fold_in(key, i))
+            adv_logits, _ = apply_fn(variables, x_adv, False)
+            out[f"{name}_correct"] = jnp.argmax(adv_logits, -1) == y
+            out[f"{name}_loss"] = cross_entropy(adv_logits, y)
+        return out
+
+    rep, split = replicated(mesh), batch_sharded(mesh)
+    return jax.jit(eval_fn, in_shardings=(rep, rep, rep, split, rep), out_shardings=split)
+
+
+def evaluate(
+    eval_fn: EvalFn,
+    variables: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    batch_size: int,
+    key: jax.Array,
+    mesh: Mesh,
+    num_examples: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Runs ``eval_fn`` over the first ``num_examples`` rows of a device dataset.
+
+    Args:
+      eval_fn: from ``make_eval_fn``.
+      variables: model variables.
+      images, labels: the device-resident dataset (uint8 images, int labels).
+      batch_size: global evaluation batch (a multiple of the device count).
+      key: attack randomness; batch ``i`` uses ``fold_in(key, i)``.
+      mesh: the device mesh.
+      num_examples: evaluate rows ``[0, num_examples)``; default all.
+      progress: called with the number of batches done (for a progress bar).
+
+    Returns:
+      ``(per_example, summary)``: numpy arrays of length ``num_examples`` (with
+      ``index``, the row of each example) and the mean of every ``*_correct``
+      array as ``*_accuracy`` and of every ``*_loss`` array.
+    """
+    n = int(labels.shape[0]) if num_examples is None else int(num_examples)
+    if not 0 < n <= labels.shape[0]:
+        raise ValueError(f"num_examples must be in [1, {labels.shape[0]}]; got {n}.")
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    indices, mask = eval_batches(n, batch_size)
+    outputs = []
+    for i, idx in enumerate(indices):
+        outputs.append(
+            eval_fn(variables, images, labels, shard_batch(idx, mesh), jax.random.fold_in(key, i))
+        )
+        if progress is not None:
+            progress(i + 1)
+    # One transfer at the end rather than a host round-trip per batch.
+    outputs = jax.device_get(outputs)
+    keep = mask.reshape(-1) > 0
+    per_example = {k: np.concatenate([o[k] for o in outputs])[keep] for k in outputs[0]}
+    per_example["index"] = indices.reshape(-1)[keep]
+    summary = {}
+    for k, v in per_example.items():
+        if k.endswith("_correct"):
+            summary[k[: -len("_correct")] + "_accuracy"] = float(np.mean(v))
+        elif k.endswith("_loss"):
+            summary[k] = float(np.mean(v))
+    return per_example, summary

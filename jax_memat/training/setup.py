@@ -1,0 +1,197 @@
+"""Building a run's pieces from its config, and loading a finished run.
+
+``build_run`` is the one place that turns a config into a model, optimizer,
+objective and initial state; the training loop and ``load_run`` (used by the
+evaluation and analysis entry points) both call it, so a checkpoint is always
+restored into exactly the structure it was saved from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from jax_memat.attacks import AttackSpec
+from jax_memat.data import Dataset, apply_corruptions, load_dataset, steps_per_epoch
+from jax_memat.models import get_model, make_apply_fn
+from jax_memat.objectives import LossFn, make_objective
+from jax_memat.training.checkpoints import RunCheckpoints
+from jax_memat.training.config import CONFIG_FILE, validate_config
+from jax_memat.training.mesh import make_mesh
+from jax_memat.training.optim import make_optimizer, make_schedule
+from jax_memat.training.state import TrainState, create_train_state
+
+LABELS_FILE = "labels.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    """What a config builds (before any step runs).
+
+    Attributes:
+      module: the Flax model.
+      apply_fn: ``apply(variables, images, train) -> (logits, model_state)``.
+      schedule: learning rate per step.
+      tx: the optimizer.
+      attack: the training attack.
+      loss_fn: the per-example objective.
+      state: the initial (replicated) train state.
+      steps_per_epoch: optimizer steps per epoch.
+      keys: ``{"data": ..., "eval": ...}`` root keys derived from the seed.
+    """
+
+    module: nn.Module
+    apply_fn: Any
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    attack: AttackSpec
+    loss_fn: LossFn
+    state: TrainState
+    steps_per_epoch: int
+    keys: dict
+
+
+def load_data(config) -> tuple[Dataset, Dataset, dict]:
+    """The training set (with the config's corruptions), the test set, and the labels record."""
+    d = config.dataset
+    kwargs = {"data_dir": d.data_dir or None, "source": d.source, "seed": config.seed}
+    n_train = None if d.num_train_examples < 0 else d.num_train_examples
+    n_test = None if d.num_test_examples < 0 else d.num_test_examples
+    train = load_dataset(d.name, "train", num_examples=n_train, **kwargs)
+    test = load_dataset(d.name, "test", num_examples=n_test, **kwargs)
+    train, record = apply_corruptions(
+        train,
+        label_noise=d.label_noise,
+        image_corruption=d.image_corruption,
+        seed=d.corruption_seed,
+    )
+    return train, test, record
+
+
+def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
+    """Builds model, optimizer, objective and initial state from a validated config."""
+    module = get_model(
+        config.model.name,
+        train.num_classes,
+        depth=config.model.depth,
+        width=config.model.width,
+        dtype=config.model.dtype,
+    )
+    apply_fn = make_apply_fn(module)
+    spe = steps_per_epoch(train.num_examples, config.batch_size)
+    schedule = make_schedule(
+        config.schedule.name,
+        config.optimizer.learning_rate,
+        steps_per_epoch=spe,
+        epochs=config.epochs,
+        milestones=tuple(config.schedule.milestones),
+        step_every=config.schedule.step_every,
+        gamma=config.schedule.gamma,
+    )
+    tx = make_optimizer(
+        config.optimizer.name,
+        schedule,
+        momentum=config.optimizer.momentum,
+        weight_decay=config.optimizer.weight_decay,
+        nesterov=config.optimizer.nesterov,
+    )
+    a = config.attack
+    attack = AttackSpec("pgd", a.eps, a.step_size, a.steps, a.norm, a.random_start)
+    loss_fn = make_objective(config.objective.name, apply_fn, attack, beta=config.objective.beta)
+    # Root keys: one per consumer, derived from the seed (never carried).
+    root = jax.random.key(config.seed)
+    init_key, data_key, eval_key = (jax.random.fold_in(root, i) for i in range(3))
+    state = create_train_state(module, init_key, train.image_shape, tx, mesh)
+    return RunSetup(
+        module=module,
+        apply_fn=apply_fn,
+        schedule=schedule,
+        tx=tx,
+        attack=attack,
+        loss_fn=loss_fn,
+        state=state,
+        steps_per_epoch=spe,
+        keys={"data": data_key, "eval": eval_key},
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+    """A finished (or interrupted) run restored from its workdir.
+
+    Attributes:
+      config: the run's ``ConfigDict``.
+      setup: its ``RunSetup`` (model, apply function, optimizer, ...).
+      state: the restored ``TrainState``.
+      meta: the checkpoint's JSON metadata (``epoch``, metrics).
+      train: the training set with the labels the run trained on.
+      test: the test set.
+      mesh: the device mesh the state lives on.
+    """
+
+    config: Any
+    setup: RunSetup
+    state: TrainState
+    meta: dict
+    train: Dataset
+    test: Dataset
+    mesh: Mesh
+
+
+def load_run(
+    workdir: str,
+    checkpoint: str | int = "best",
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> LoadedRun:
+    """Restores a run for evaluation or analysis.
+
+    Args:
+      workdir: a training workdir.
+      checkpoint: ``"best"``, ``"latest"`` (alias ``"final"``) or ``"init"``.
+      devices: devices for the mesh (default: all).
+
+    Returns:
+      A ``LoadedRun``.
+
+    Example:
+      >>> run = load_run("workdirs/quickstart", "best")
+      >>> logits, _ = run.setup.apply_fn(run.state.variables, images, False)
+    """
+    import ml_collections
+
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} holds no run ({CONFIG_FILE} is missing).")
+    kind = {"final": "latest"}.get(checkpoint, checkpoint)
+    if kind not in ("best", "latest", "init"):
+        raise ValueError(
+            f"checkpoint={checkpoint!r} is not accepted; use best, final, latest or init."
+        )
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    validate_config(config)
+    mesh = make_mesh(devices)
+    train, test, record = load_data(config)
+    labels_path = os.path.join(workdir, LABELS_FILE)
+    if os.path.exists(labels_path):
+        with np.load(labels_path) as saved:
+            train = dataclasses.replace(train, labels=saved["labels"].astype(np.int32))
+    setup = build_run(config, train, mesh)
+    ckpts = RunCheckpoints(workdir)
+    try:
+        if ckpts.latest_step(kind) is None:
+            raise FileNotFoundError(f"{workdir} has no {kind!r} checkpoint.")
+        state, meta = ckpts.restore(kind, setup.state)
+    finally:
+        ckpts.close()
+    return LoadedRun(config, setup, state, meta, train, test, mesh)
