@@ -78,22 +78,48 @@ def test_trades_beta_zero_is_natural_cross_entropy():
     assert float(loss[0]) == pytest.approx(softplus(-0.5), rel=1e-6)
 
 
-def test_regularizer_enters_the_loss_and_the_attack_objective():
-    const = make_objective(
-        "pgd_at", apply_fn, pgd(), regularizer=lambda logits, batch: jnp.full(logits.shape[0], 0.5)
-    )
+def test_regularizers_enter_the_loss_and_the_attack_objective():
+    const_reg = lambda logits, batch: jnp.full(logits.shape[0], 0.5)
+    const = make_objective("pgd_at", apply_fn, pgd(), regularizer=const_reg)
     loss, _ = const(PARAMS, {}, BATCH, KEY)
     assert float(loss[0]) == pytest.approx(softplus(-0.2) + 0.5, rel=1e-5)
     # R = -2 CE turns the attack objective into -CE: the attack now *lowers* the
     # loss, moving to x - eps * sign(w) = (0.4, 0.6), w.x' = -0.8; loss = -CE there.
-    flipped = make_objective(
-        "pgd_at",
-        apply_fn,
-        pgd(),
-        regularizer=lambda logits, b: -2 * cross_entropy(logits, b["label"]),
-    )
+    reg = lambda logits, b: -2 * cross_entropy(logits, b["label"])
+    flipped = make_objective("pgd_at", apply_fn, pgd(), regularizer=reg, attack_regularizer=reg)
     loss, _ = flipped(PARAMS, {}, BATCH, KEY)
     assert float(loss[0]) == pytest.approx(-softplus(-0.8), rel=1e-5)  # -0.371101
+
+
+def test_attack_regularizer_alone_moves_the_attack_not_the_loss():
+    reg = lambda logits, b: -2 * cross_entropy(logits, b["label"])
+    loss, _ = make_objective("pgd_at", apply_fn, pgd(), attack_regularizer=reg)(
+        PARAMS, {}, BATCH, KEY
+    )
+    assert float(loss[0]) == pytest.approx(softplus(-0.8), rel=1e-5)  # CE at (0.4, 0.6)
+
+
+def test_trades_regularizer_output_and_attack_scaling():
+    beta = 6.0
+    # R = c * z: on the natural output z = -0.5; on the adversarial one, the corner.
+    reg = lambda logits, b: 0.1 * logits[:, 1]
+    nat = make_objective("trades", apply_fn, pgd(), beta=beta, regularizer=reg)
+    adv = make_objective(
+        "trades", apply_fn, pgd(), beta=beta, regularizer=reg, regularizer_output="adversarial"
+    )
+    base, _ = make_objective("trades", apply_fn, pgd(), beta=beta)(PARAMS, {}, BATCH, KEY)
+    loss_nat, _ = nat(PARAMS, {}, BATCH, KEY)
+    loss_adv, aux = adv(PARAMS, {}, BATCH, KEY)
+    assert float(loss_nat[0] - base[0]) == pytest.approx(0.1 * -0.5, rel=1e-5)
+    z_adv = float(aux["per_example"]["logits"][0, 1])
+    assert float(loss_adv[0] - base[0]) == pytest.approx(0.1 * z_adv, rel=1e-4)
+    # A huge attack regularizer favouring small z dominates beta * KL: the attack
+    # goes to the corner w.x' = -0.8 whatever side the random start picked.
+    pull = lambda logits, b: -1e3 * logits[:, 1]
+    _, aux = make_objective("trades", apply_fn, pgd(), beta=beta, attack_regularizer=pull)(
+        PARAMS, {}, BATCH, KEY
+    )
+    assert float(aux["per_example"]["logits"][0, 1]) == pytest.approx(-0.8, abs=1e-5)
 
 
 def test_bad_objective_input():
@@ -103,3 +129,5 @@ def test_bad_objective_input():
         make_objective("pgd_at", apply_fn, None)
     with pytest.raises(ValueError, match="beta must be >= 0"):
         make_objective("trades", apply_fn, pgd(), beta=-1.0)
+    with pytest.raises(ValueError, match="regularizer_output='logits' is not accepted"):
+        make_objective("trades", apply_fn, pgd(), regularizer_output="logits")

@@ -25,8 +25,11 @@ from jax_memat.training.metrics import TIMING_FIELDS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(epochs=3):
+def tiny_config(epochs=3, te=False):
     c = default_config()
+    c.te.enabled = te
+    c.te.ramp_start = 2
+    c.te.ramp_end = 3
     c.epochs = epochs
     c.batch_size = 32
     c.dataset.name = "synthetic"
@@ -67,8 +70,9 @@ class _Kill(Exception):
     pass
 
 
-def test_resume_after_kill_equals_uninterrupted(tmp_path):
-    config = tiny_config(epochs=3)
+@pytest.mark.parametrize("te", [False, True], ids=["plain", "te"])
+def test_resume_after_kill_equals_uninterrupted(tmp_path, te):
+    config = tiny_config(epochs=3, te=te)
     full = str(tmp_path / "full")
     report_full = train_and_evaluate(config, full)
 
@@ -88,6 +92,8 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     # The saved states are identical, bit for bit.
     run_a, run_b = load_run(full, "final"), load_run(resumed, "final")
     assert run_a.meta["epoch"] == run_b.meta["epoch"] == 3
+    if te:  # The soft-label table was filled during epochs 2-3 and survived resumption.
+        assert float(np.abs(run_b.state.extra["te_soft_labels"]).sum()) > 0
     for a, b in zip(jax.tree.leaves(run_a.state), jax.tree.leaves(run_b.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -37,6 +37,9 @@ def validate_objective_name(name: str) -> None:
         )
 
 
+REGULARIZER_OUTPUTS = ("natural", "adversarial")
+
+
 def make_objective(
     name: str,
     apply_fn: ApplyFn,
@@ -44,6 +47,8 @@ def make_objective(
     *,
     beta: float = 6.0,
     regularizer: Regularizer | None = None,
+    attack_regularizer: Regularizer | None = None,
+    regularizer_output: str = "natural",
 ) -> LossFn:
     """Builds a per-example training objective.
 
@@ -56,9 +61,15 @@ def make_objective(
       attack: the training attack (ignored by ``"standard"``). For ``"trades"``
         its name is forced to ``"trades"`` (the KL attack from ``x + 0.001 N(0, 1)``).
       beta: the TRADES trade-off (the paper uses 6).
-      regularizer: optional ``(logits, batch) -> [B]`` penalty on the logits the
-        loss is computed on; it is also added to the attack objective
-        (temporal ensembling uses this hook).
+      regularizer: optional ``(logits, batch) -> [B]`` penalty added to the
+        training loss, on the logits the loss is computed on (for TRADES, see
+        ``regularizer_output``). Temporal ensembling plugs in here.
+      attack_regularizer: optional ``(logits, batch) -> [B]`` penalty added to
+        the attack objective, on the logits at the adversarial point. For
+        TRADES it is divided by ``beta`` so the attack ascends
+        ``beta * KL + R``, as the authors' ``(beta / B) KL_sum + R``.
+      regularizer_output: TRADES only: ``"natural"`` (the authors' code) or
+        ``"adversarial"``, the logits ``regularizer`` sees.
 
     Returns:
       ``loss_fn(params, model_state, batch, key) -> (per_example_loss, aux)``
@@ -78,11 +89,23 @@ def make_objective(
         attack.validate()
     if beta < 0:
         raise ValueError(f"TRADES beta must be >= 0; got {beta}.")
+    if regularizer_output not in REGULARIZER_OUTPUTS:
+        raise ValueError(
+            f"regularizer_output={regularizer_output!r} is not accepted; "
+            f"use one of {REGULARIZER_OUTPUTS}."
+        )
+    if name == "trades" and attack_regularizer is not None and beta == 0:
+        raise ValueError("A TRADES attack regularizer is scaled by 1/beta; beta must be > 0.")
 
     def penalty(logits: jax.Array, batch: dict) -> jax.Array:
         if regularizer is None:
             return jnp.zeros(logits.shape[0], jnp.float32)
         return regularizer(logits, batch)
+
+    def attack_extra(batch: dict, scale: float = 1.0):
+        if attack_regularizer is None:
+            return None
+        return lambda logits: attack_regularizer(logits, batch) / scale
 
     def variables_of(params, model_state):
         return {"params": params, **model_state}
@@ -102,14 +125,13 @@ def make_objective(
 
         def pgd_at_loss(params, model_state, batch, key):
             variables = variables_of(params, model_state)
-            extra = None if regularizer is None else (lambda lg: regularizer(lg, batch))
             x_adv = run_attack(
                 apply_fn,
                 jax.lax.stop_gradient(variables),
                 batch["image"],
                 batch["label"],
                 key,
-                objective_extra=extra,
+                objective_extra=attack_extra(batch),
             )
             logits, new_state = apply_fn(variables, x_adv, True)
             loss = cross_entropy(logits, batch["label"]) + penalty(logits, batch)
@@ -129,14 +151,13 @@ def make_objective(
 
     def trades_loss(params, model_state, batch, key):
         variables = variables_of(params, model_state)
-        extra = None if regularizer is None else (lambda lg: regularizer(lg, batch))
         x_adv = run_trades_attack(
             apply_fn,
             jax.lax.stop_gradient(variables),
             batch["image"],
             batch["label"],
             key,
-            objective_extra=extra,
+            objective_extra=attack_extra(batch, beta),
         )
         # Two training-mode passes, natural then adversarial, exactly as the
         # TRADES code: BatchNorm running statistics are updated by both.
@@ -145,7 +166,8 @@ def make_objective(
         loss = cross_entropy(logits_nat, batch["label"]) + beta * kl_divergence(
             logits_nat, logits_adv
         )
-        loss = loss + penalty(logits_nat, batch)
+        regularized = logits_nat if regularizer_output == "natural" else logits_adv
+        loss = loss + penalty(regularized, batch)
         return loss, {
             "model_state": new_state,
             "per_example": {"logits": logits_adv, "logits_natural": logits_nat},

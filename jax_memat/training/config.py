@@ -17,7 +17,7 @@ from jax_memat.attacks import NORMS
 from jax_memat.data import DATASET_NAMES
 from jax_memat.data.corruptions import IMAGE_CORRUPTIONS
 from jax_memat.models import MODEL_NAMES
-from jax_memat.objectives import OBJECTIVE_NAMES
+from jax_memat.objectives import OBJECTIVE_NAMES, REGULARIZER_OUTPUTS
 from jax_memat.training.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES
 
 if TYPE_CHECKING:
@@ -75,6 +75,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "pgd_at"
     c.objective.beta = 6.0  # TRADES
+
+    c.te = ml_collections.ConfigDict()  # temporal ensembling (the authors' settings)
+    c.te.enabled = False
+    c.te.momentum = 0.9
+    c.te.weight = 300.0
+    c.te.ramp_start = 90  # 1-based epoch: table updates and the ramp start here
+    c.te.ramp_end = 150  # the weight reaches its full value here
+    c.te.output = "natural"  # TRADES: R on the natural (authors) or adversarial output
+    c.te.regularize_attack = True  # R also in the attack objective
 
     c.attack = ml_collections.ConfigDict()  # the training attack
     c.attack.norm = "linf"
@@ -198,6 +207,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
         one_of(c.objective.name, OBJECTIVE_NAMES, "objective.name")
         number(c.objective.beta, "objective.beta", 0.0, math.inf, hi_open=True)
+
+        t = c.te
+        check(isinstance(t.enabled, bool), f"te.enabled={t.enabled!r}: use True or False.")
+        number(t.momentum, "te.momentum", 0.0, 1.0, hi_open=True)
+        number(t.weight, "te.weight", 0.0, math.inf, hi_open=True)
+        positive_int(t.ramp_start, "te.ramp_start")
+        positive_int(t.ramp_end, "te.ramp_end")
+        check(
+            not (_is_int(t.ramp_start) and _is_int(t.ramp_end)) or t.ramp_start < t.ramp_end,
+            f"te.ramp_start={t.ramp_start!r} must be below te.ramp_end={t.ramp_end!r}.",
+        )
+        one_of(t.output, REGULARIZER_OUTPUTS, "te.output")
+        if t.enabled and c.objective.name == "trades":
+            check(c.objective.beta > 0, "TRADES+TE needs objective.beta > 0.")
 
         a = c.attack
         one_of(a.norm, NORMS, "attack.norm")

@@ -9,6 +9,7 @@ restored into exactly the structure it was saved from.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -23,7 +24,12 @@ from jax.sharding import Mesh
 from jax_memat.attacks import AttackSpec
 from jax_memat.data import Dataset, apply_corruptions, load_dataset, steps_per_epoch
 from jax_memat.models import get_model, make_apply_fn
-from jax_memat.objectives import LossFn, make_objective
+from jax_memat.objectives import (
+    LossFn,
+    init_soft_labels,
+    make_objective,
+    with_temporal_ensembling,
+)
 from jax_memat.training.checkpoints import RunCheckpoints
 from jax_memat.training.config import CONFIG_FILE, validate_config
 from jax_memat.training.mesh import make_mesh
@@ -106,11 +112,33 @@ def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
     )
     a = config.attack
     attack = AttackSpec("pgd", a.eps, a.step_size, a.steps, a.norm, a.random_start)
-    loss_fn = make_objective(config.objective.name, apply_fn, attack, beta=config.objective.beta)
+    make_loss = functools.partial(
+        make_objective,
+        config.objective.name,
+        apply_fn,
+        attack,
+        beta=config.objective.beta,
+        regularizer_output=config.te.output,
+    )
+    extra = None
+    if config.te.enabled:
+        loss_fn = with_temporal_ensembling(
+            make_loss,
+            apply_fn,
+            steps_per_epoch=spe,
+            momentum=config.te.momentum,
+            weight=config.te.weight,
+            ramp_start=config.te.ramp_start,
+            ramp_end=config.te.ramp_end,
+            regularize_attack=config.te.regularize_attack,
+        )
+        extra = init_soft_labels(train.num_examples, train.num_classes)
+    else:
+        loss_fn = make_loss()
     # Root keys: one per consumer, derived from the seed (never carried).
     root = jax.random.key(config.seed)
     init_key, data_key, eval_key = (jax.random.fold_in(root, i) for i in range(3))
-    state = create_train_state(module, init_key, train.image_shape, tx, mesh)
+    state = create_train_state(module, init_key, train.image_shape, tx, mesh, extra=extra)
     return RunSetup(
         module=module,
         apply_fn=apply_fn,

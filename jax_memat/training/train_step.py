@@ -40,7 +40,9 @@ def train_step(
     Args:
       state: the current ``TrainState``.
       batch: ``{"image": float [B,H,W,C] in [0, 1], "label": int [B],
-        "index": int [B]}`` (the global batch).
+        "index": int [B]}`` (the global batch). The loss sees it with two more
+        entries: ``"step"`` (the state's step) and ``"extra"`` (``state.extra``);
+        a loss returning ``aux["extra"]`` replaces ``state.extra``.
       loss_fn: a per-example objective from ``jax_memat.objectives``.
       tx: the optimizer.
 
@@ -51,6 +53,9 @@ def train_step(
       when loss and gradients are finite).
     """
     keys = step_keys(state.rng, state.step)
+    # Loss transforms with state (e.g. temporal ensembling) read it from the
+    # batch and return its new value as aux["extra"].
+    batch = {**batch, "step": state.step, "extra": state.extra}
 
     def mean_loss(params):
         per_example, aux = loss_fn(params, state.model_state, batch, keys["attack"])
@@ -73,6 +78,7 @@ def train_step(
         params=params,
         model_state=aux["model_state"],
         opt_state=opt_state,
+        extra=aux.get("extra", state.extra),
     )
     return new_state, metrics
 
