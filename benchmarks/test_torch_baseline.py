@@ -1,0 +1,59 @@
+"""Sanity tests of the PyTorch baseline: ``pytest benchmarks/test_torch_baseline.py``.
+
+Kept beside the baseline (not under tests/) because torch is an optional
+``bench`` dependency; the module is skipped where torch is not installed.
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch_baseline as tb  # noqa: E402 (after the importorskip guard)
+
+EPS = 8 / 255
+
+
+@pytest.fixture(params=["preact_resnet18", "resnet18"])
+def model(request):
+    torch.manual_seed(0)
+    return tb.get_model(request.param)
+
+
+def _batch(n=8):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_parameter_counts():
+    # PreAct: 11,171,146 for the trunk + 1,024 for the final BatchNorm.
+    assert sum(p.numel() for p in tb.PreActResNet18().parameters()) == 11_172_170
+    assert sum(p.numel() for p in tb.ResNet18().parameters()) == 11_173_962
+
+
+def test_pgd_stays_in_ball_and_box_and_increases_loss(model):
+    x, y = _batch(4)
+    model.eval()
+    x_adv = tb.pgd_linf(model, x, y, steps=5)
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    # Only the input is differentiated: parameter gradients stay unset.
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy
+        assert ce(model(x_adv), y) > ce(model(x), y)
+
+
+def test_step_modes_and_loss_decreases_on_repeated_batch(model):
+    x, y = _batch(4)
+    opt = tb.make_sgd(model, lr=0.01)
+    losses = [tb.pgd_at_step(model, opt, x, y, steps=2).item() for _ in range(3)]
+    assert model.training  # left in train mode, as the conventional loop expects
+    assert losses[-1] < losses[0]
+
+
+def test_bf16_autocast_step_runs(model):
+    x, y = _batch(4)
+    opt = tb.make_sgd(model)
+    loss = tb.pgd_at_step(model, opt, x, y, steps=1, autocast_dtype=torch.bfloat16)
+    assert torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

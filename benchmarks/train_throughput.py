@@ -1,0 +1,573 @@
+"""PGD-10 adversarial-training throughput and peak memory: jax_memat vs. plain PyTorch.
+
+One training step is the paper's PGD-AT step on a batch of 32x32x3 images:
+10 L-inf PGD steps (eps 8/255, step 2/255, uniform random start) with BatchNorm
+in inference mode, then one cross-entropy update with BatchNorm in training
+mode, SGD (lr 0.1, momentum 0.9, weight decay 5e-4). The JAX side is the
+library's jitted, state-donating ``make_train_step`` on a data-parallel mesh over
+all local devices; the PyTorch side is ``torch_baseline.pgd_at_step``, written in
+the conventional eager style. Both see the same global batch of fixed random
+data (NHWC for JAX, NCHW for PyTorch), 10 classes.
+
+What is timed: ``--warmup`` steps run first (the first of them is timed on its
+own: for JAX it is compilation plus one step), the device is synchronised, then
+``--steps`` steps run back to back and the device is synchronised again
+(``jax.block_until_ready`` on the train state; ``torch.cuda.synchronize``). No
+host round-trip happens inside the timed loop on either side.
+
+Peak memory: ``peak_bytes_in_use`` of the JAX device allocator (max over local
+devices) or ``torch.cuda.max_memory_allocated`` on accelerators; the process's
+peak resident set size (``getrusage``) on CPU, where the allocators keep no such
+statistic. By default every (model, framework) pair runs in its own subprocess
+(``--isolate``), so peaks do not mix and one framework's allocator cannot starve
+the other; JAX children run with ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that
+the JAX peak is what the step needs rather than 75% of the device.
+
+Example::
+
+    python benchmarks/train_throughput.py --models preact_resnet18,resnet18 \\
+        --batch-size 128 --steps 20 --warmup 3 --frameworks jax,torch --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+_HERE = Path(__file__).resolve().parent
+_ROOT = _HERE.parent
+
+MODELS = ("preact_resnet18", "resnet18")
+FRAMEWORKS = ("jax", "torch")
+DTYPES = ("float32", "bfloat16")
+NUM_CLASSES = 10
+IMAGE_SHAPE = (32, 32, 3)  # H, W, C
+EPS, STEP_SIZE, PGD_STEPS = 8 / 255, 2 / 255, 10
+LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
+# Packages the GPU machine does not have; the JAX step must not need them.
+_ABSENT_ON_GPU = ("tensorflow", "tensorflow_datasets", "ml_collections")
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def _random_batch(batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The benchmark's data: uniform images in [0, 1] (NHWC) and uniform labels."""
+    rng = np.random.default_rng(seed)
+    images = rng.random((batch_size, *IMAGE_SHAPE), dtype=np.float32)
+    labels = rng.integers(0, NUM_CLASSES, size=batch_size).astype(np.int32)
+    return images, labels
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def _summary(
+    steps: int, batch_size: int, elapsed_s: float, first_call_s: float, final_loss: float
+) -> dict:
+    ms_per_step = 1e3 * elapsed_s / steps
+    return {
+        "timed_steps": steps,
+        "timed_s": elapsed_s,
+        "ms_per_step": ms_per_step,
+        "examples_per_s": batch_size * steps / elapsed_s,
+        "first_call_s": first_call_s,
+        "final_loss": final_loss,
+        "final_loss_finite": math.isfinite(final_loss),
+    }
+
+
+# --------------------------------------------------------------------------- JAX
+
+
+def _import_jax_memat() -> dict:
+    """Imports the library API the benchmark uses (nothing that needs TensorFlow)."""
+    # Benchmark the working tree's library, as the subprocesses do via PYTHONPATH.
+    if str(_ROOT) not in sys.path:
+        sys.path.insert(0, str(_ROOT))
+    from jax_memat.attacks import AttackSpec
+    from jax_memat.models import get_model, make_apply_fn
+    from jax_memat.objectives import make_objective
+    from jax_memat.training import (
+        create_train_state,
+        make_mesh,
+        make_optimizer,
+        make_train_step,
+        shard_batch,
+    )
+
+    return {
+        "AttackSpec": AttackSpec,
+        "get_model": get_model,
+        "make_apply_fn": make_apply_fn,
+        "make_objective": make_objective,
+        "create_train_state": create_train_state,
+        "make_mesh": make_mesh,
+        "make_optimizer": make_optimizer,
+        "make_train_step": make_train_step,
+        "shard_batch": shard_batch,
+    }
+
+
+def _jax_info() -> dict:
+    import flax
+    import jax
+    import jaxlib
+    import optax
+
+    devices = jax.local_devices()
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "local_device_count": len(devices),
+        "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+        "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def _jax_peak_memory() -> tuple[int, str]:
+    import jax
+
+    devices = jax.local_devices()
+    stats = [d.memory_stats() for d in devices]
+    if all(s and "peak_bytes_in_use" in s for s in stats):
+        source = "jax peak_bytes_in_use"
+        if len(devices) > 1:
+            source += f" (max over {len(devices)} devices)"
+        return max(int(s["peak_bytes_in_use"]) for s in stats), source
+    # No allocator statistics on CPU: fall back to the whole process.
+    return _peak_rss_bytes(), "process peak RSS"
+
+
+def bench_jax(model_name: str, batch_size: int, steps: int, warmup: int, dtype: str, seed: int):
+    """Times the library's PGD-AT step; returns a result dict (see module docstring)."""
+    import jax
+
+    api = _import_jax_memat()
+    mesh = api["make_mesh"]()
+    n_devices = mesh.devices.size
+    if batch_size % n_devices:
+        raise ValueError(f"batch size {batch_size} does not split over {n_devices} devices")
+
+    tx = api["make_optimizer"]("sgd", LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    module = api["get_model"](model_name, num_classes=NUM_CLASSES, dtype=dtype)
+    apply_fn = api["make_apply_fn"](module)
+    spec = api["AttackSpec"](
+        name="pgd", eps=EPS, step_size=STEP_SIZE, steps=PGD_STEPS, norm="linf", random_start=True
+    )
+    loss_fn = api["make_objective"]("pgd_at", apply_fn, spec)
+    state = api["create_train_state"](module, jax.random.key(seed), IMAGE_SHAPE, tx, mesh)
+    step = api["make_train_step"](loss_fn, tx, mesh)
+
+    images, labels = _random_batch(batch_size, seed)
+    batch = api["shard_batch"](
+        {"image": images, "label": labels, "index": np.arange(batch_size, dtype=np.int32)}, mesh
+    )
+    jax.block_until_ready((state, batch))
+
+    start = time.perf_counter()
+    state, metrics = step(state, batch)  # compiles
+    jax.block_until_ready(state)
+    first_call_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(state)
+
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(state)
+    elapsed = time.perf_counter() - start
+
+    peak, source = _jax_peak_memory()
+    loss = float(jax.device_get(metrics["loss"])) if "loss" in metrics else float("nan")
+    result = _summary(steps, batch_size, elapsed, first_call_s, loss)
+    result.update(
+        peak_memory_bytes=peak,
+        peak_memory_source=source,
+        devices_used=n_devices,
+        device_name=jax.local_devices()[0].device_kind,
+        framework_info=_jax_info(),
+        dtype_note=(
+            "compute dtype of the Flax model; params, BatchNorm stats and updates float32"
+            if dtype == "bfloat16"
+            else "float32 (XLA default precision)"
+        ),
+        absent_on_gpu_imported=sorted(m for m in _ABSENT_ON_GPU if m in sys.modules),
+    )
+    return result
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+
+def _torch_device(requested: str):
+    import torch
+
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "gpu":
+        raise RuntimeError("--device gpu, but torch.cuda.is_available() is False")
+    return torch.device("cpu")
+
+
+def _torch_info(device) -> dict:
+    import torch
+
+    info = {
+        "torch": torch.__version__,
+        "device_type": device.type,
+        "num_threads": torch.get_num_threads(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        # Reported as found: the benchmark leaves PyTorch's TF32 defaults alone.
+        "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+    if device.type == "cuda":
+        info.update(
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            device_name=torch.cuda.get_device_name(device),
+        )
+    return info
+
+
+def bench_torch(
+    model_name: str, batch_size: int, steps: int, warmup: int, dtype: str, seed: int, device: str
+):
+    """Times ``torch_baseline.pgd_at_step``; returns a result dict (see module docstring)."""
+    import torch
+
+    sys.path.insert(0, str(_HERE))
+    import torch_baseline
+
+    dev = _torch_device(device)
+    on_gpu = dev.type == "cuda"
+    torch.backends.cudnn.benchmark = True  # what conventional training scripts do
+    torch.manual_seed(seed)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(dev)
+    sync = (lambda: torch.cuda.synchronize(dev)) if on_gpu else (lambda: None)
+
+    model = torch_baseline.get_model(model_name, NUM_CLASSES).to(dev)
+    opt = torch_baseline.make_sgd(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    images, labels = _random_batch(batch_size, seed)
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dev)
+    y = torch.from_numpy(labels.astype(np.int64)).to(dev)
+    autocast = torch.bfloat16 if dtype == "bfloat16" else None
+
+    def step():
+        return torch_baseline.pgd_at_step(
+            model, opt, x, y, eps=EPS, alpha=STEP_SIZE, steps=PGD_STEPS, autocast_dtype=autocast
+        )
+
+    sync()
+    start = time.perf_counter()
+    loss = step()  # cudnn.benchmark autotunes here
+    sync()
+    first_call_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        loss = step()
+    sync()
+
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync()
+    elapsed = time.perf_counter() - start
+
+    if on_gpu:
+        peak = int(torch.cuda.max_memory_allocated(dev))
+        source = "torch max_memory_allocated"
+        reserved = int(torch.cuda.max_memory_reserved(dev))
+    else:
+        peak, source, reserved = _peak_rss_bytes(), "process peak RSS", None
+    info = _torch_info(dev)
+    result = _summary(steps, batch_size, elapsed, first_call_s, float(loss))
+    result.update(
+        peak_memory_bytes=peak,
+        peak_memory_source=source,
+        peak_memory_reserved_bytes=reserved,
+        devices_used=1,
+        device_name=info.get("device_name", platform.processor() or "cpu"),
+        framework_info=info,
+        dtype_note=(
+            "torch.autocast(bfloat16) forward passes; params and updates float32"
+            if dtype == "bfloat16"
+            else "float32 (PyTorch's default TF32 settings, see framework_info)"
+        ),
+    )
+    return result
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _run_one(framework: str, model: str, dtype: str, args: argparse.Namespace) -> dict:
+    """Runs one benchmark in this process; never raises (errors go in the result)."""
+    result = {"framework": framework, "model": model, "dtype": dtype}
+    result.update(batch_size=args.batch_size, warmup=args.warmup, isolated=args.child is not None)
+    try:
+        if framework == "jax":
+            out = bench_jax(model, args.batch_size, args.steps, args.warmup, dtype, args.seed)
+        else:
+            out = bench_torch(
+                model, args.batch_size, args.steps, args.warmup, dtype, args.seed, args.device
+            )
+        result.update(out)
+    except Exception:  # a failed pair must not lose the others' numbers
+        result["error"] = traceback.format_exc()
+        print(result["error"], file=sys.stderr)
+    return result
+
+
+def _child_env(framework: str, device: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
+    if framework == "jax":
+        # Allocate on demand so peak_bytes_in_use is what the step needs.
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        if device == "cpu":
+            env["JAX_PLATFORMS"] = "cpu"
+        elif device == "gpu":
+            env["JAX_PLATFORMS"] = "cuda"
+    return env
+
+
+def _run_isolated(framework: str, model: str, dtype: str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            f"--child={framework}",
+            f"--models={model}",
+            f"--dtype={dtype}",
+            f"--batch-size={args.batch_size}",
+            f"--steps={args.steps}",
+            f"--warmup={args.warmup}",
+            f"--seed={args.seed}",
+            f"--device={args.device}",
+            f"--out={out}",
+        ]
+        failed = {"framework": framework, "model": model, "dtype": dtype, "isolated": True}
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                cmd, env=_child_env(framework, args.device), timeout=args.child_timeout
+            )
+        except subprocess.TimeoutExpired:
+            return {**failed, "error": f"child timed out after {args.child_timeout} s"}
+        wall = time.perf_counter() - start
+        if not out.exists():
+            return {**failed, "error": f"child exited with {proc.returncode}, no result"}
+        result = json.loads(out.read_text())
+        result["child_wall_s"] = wall
+        return result
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _memory_kind(result: dict) -> str:
+    return "host RSS" if "RSS" in result["peak_memory_source"] else "device allocator"
+
+
+def _ratios(results: list[dict]) -> list[dict]:
+    """JAX / PyTorch throughput and memory, per (model, dtype) where both ran."""
+    ok = {(r["framework"], r["model"], r["dtype"]): r for r in results if "error" not in r}
+    rows = []
+    for (fw, model, dtype), jax_r in ok.items():
+        torch_r = ok.get(("torch", model, dtype))
+        if fw != "jax" or torch_r is None:
+            continue
+        rows.append(
+            {
+                "model": model,
+                "dtype": dtype,
+                "throughput_ratio_jax_over_torch": jax_r["examples_per_s"]
+                / torch_r["examples_per_s"],
+                "peak_memory_ratio_jax_over_torch": jax_r["peak_memory_bytes"]
+                / torch_r["peak_memory_bytes"],
+                "memory_sources_comparable": _memory_kind(jax_r) == _memory_kind(torch_r),
+            }
+        )
+    return rows
+
+
+def markdown(results: list[dict], ratios: list[dict]) -> str:
+    """The results and ratios as Markdown tables."""
+    lines = [
+        "| model | framework | dtype | device | examples/s | ms/step | peak memory (MiB) "
+        "| memory source | first call (s) |",
+        "|---|---|---|---|---:|---:|---:|---|---:|",
+    ]
+    for r in results:
+        if "error" in r:
+            err = r["error"].strip().splitlines()[-1][:80]
+            lines.append(
+                f"| {r['model']} | {r['framework']} | {r['dtype']} | failed: {err} "
+                "| - | - | - | - | - |"
+            )
+            continue
+        mem = r["peak_memory_bytes"] / 2**20
+        lines.append(
+            f"| {r['model']} | {r['framework']} | {r['dtype']} | {r['device_name']} "
+            f"| {r['examples_per_s']:.1f} | {r['ms_per_step']:.1f} | {mem:.0f} "
+            f"| {r['peak_memory_source']} | {_fmt(r.get('first_call_s'), '.1f')} |"
+        )
+    if ratios:
+        lines += [
+            "",
+            "| model | dtype | throughput JAX / PyTorch | peak memory JAX / PyTorch |",
+            "|---|---|---:|---:|",
+        ]
+        for q in ratios:
+            mem = f"{q['peak_memory_ratio_jax_over_torch']:.2f}"
+            if not q["memory_sources_comparable"]:
+                mem += " (different sources)"
+            lines.append(
+                f"| {q['model']} | {q['dtype']} "
+                f"| {q['throughput_ratio_jax_over_torch']:.2f} | {mem} |"
+            )
+    return "\n".join(lines)
+
+
+def _host_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def _split(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{flag}: {bad or value!r}; accepted: {allowed}")
+    return items
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: %(default)s")
+    p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch (all devices)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="comma-separated compute dtypes (float32, bfloat16); bfloat16 means the "
+        "Flax model's compute dtype for JAX and torch.autocast for PyTorch",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one subprocess per (model, framework) so memory figures do not mix",
+    )
+    p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per subprocess")
+    p.add_argument("--child", choices=FRAMEWORKS, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        args.models = _split(args.models, MODELS, "--models")
+        args.frameworks = _split(args.frameworks, FRAMEWORKS, "--frameworks")
+        args.dtypes = _split(args.dtype, DTYPES, "--dtype")
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    if args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
+        p.error("--steps, --warmup and --batch-size must be >= 1")
+    return args
+
+
+def _report(args: argparse.Namespace, results: list[dict]) -> dict:
+    return {
+        "benchmark": "PGD-10 adversarial training step (PGD-AT), CIFAR-shaped random data",
+        "settings": {
+            "batch_size": args.batch_size,
+            "image_shape_hwc": list(IMAGE_SHAPE),
+            "num_classes": NUM_CLASSES,
+            "attack": {"eps": EPS, "step_size": STEP_SIZE, "steps": PGD_STEPS, "norm": "linf"},
+            "optimizer": {"lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
+            "timed_steps": args.steps,
+            "warmup_steps": args.warmup,
+            "dtypes": args.dtypes,
+            "device": args.device,
+            "isolate": args.isolate,
+            "seed": args.seed,
+        },
+        "host": _host_info(),
+        "results": results,
+        "ratios": _ratios(results),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.child is not None:  # a subprocess of the driver below: one pair, JSON out
+        result = _run_one(args.child, args.models[0], args.dtypes[0], args)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        return result
+
+    if not args.isolate and "jax" in args.frameworks:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    results = []
+    for dtype in args.dtypes:
+        for model in args.models:
+            for framework in args.frameworks:
+                print(f"== {model} / {framework} / {dtype}", file=sys.stderr, flush=True)
+                run = _run_isolated if args.isolate else _run_one
+                results.append(run(framework, model, dtype, args))
+                # Written after every pair, so a run cut short keeps what it measured.
+                report = _report(args, results)
+                if args.out:
+                    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(markdown(results, report["ratios"]))
+    if args.out:
+        print(f"wrote {args.out}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()
