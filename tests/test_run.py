@@ -293,3 +293,21 @@ def test_cli_end_to_end(tmp_path):
     proc = subprocess.run(bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "model.name='resnet50' is not accepted" in proc.stderr
+
+
+def test_evaluate_entry_point_on_a_finished_run(tmp_path):
+    from jax_memat.evaluate import run_evaluation
+
+    workdir = str(tmp_path / "run")
+    report = train_and_evaluate(tiny_config(epochs=2), workdir)
+    result = run_evaluation(workdir, checkpoint="final", attack="pgd", steps=3, batch_size=16)
+    assert result["epoch"] == 2 and result["num_examples"] == 40
+    # Same checkpoint and test set as the final report: identical natural accuracy.
+    assert result["natural_accuracy"] == report["final"]["test_natural_accuracy"]
+    assert result["robust_accuracy"] <= result["natural_accuracy"]
+    by_step = run_evaluation(workdir, checkpoint=6, attack="cw", steps=3, batch_size=16)
+    assert by_step["natural_accuracy"] == result["natural_accuracy"]
+    with pytest.raises(FileNotFoundError, match="keeps no checkpoint at step 5"):
+        run_evaluation(workdir, checkpoint=5)
+    with pytest.raises(ValueError, match="attack='fgsm' is not accepted"):
+        run_evaluation(workdir, attack="fgsm")

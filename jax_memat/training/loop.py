@@ -24,9 +24,9 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
 from jax_memat.attacks import AttackSpec
@@ -79,7 +79,7 @@ def _num(n: int, total: int) -> int:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict,
+    config: Any,
     workdir: str,
     *,
     hooks: Sequence[Hook] = (),

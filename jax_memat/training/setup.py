@@ -185,7 +185,8 @@ def load_run(
 
     Args:
       workdir: a training workdir.
-      checkpoint: ``"best"``, ``"latest"`` (alias ``"final"``) or ``"init"``.
+      checkpoint: ``"best"``, ``"latest"`` (alias ``"final"``), ``"init"``, or
+        the step number of one of them.
       devices: devices for the mesh (default: all).
 
     Returns:
@@ -201,9 +202,10 @@ def load_run(
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir} holds no run ({CONFIG_FILE} is missing).")
     kind = {"final": "latest"}.get(checkpoint, checkpoint)
-    if kind not in ("best", "latest", "init"):
+    if not isinstance(kind, int) and kind not in ("best", "latest", "init"):
         raise ValueError(
-            f"checkpoint={checkpoint!r} is not accepted; use best, final, latest or init."
+            f"checkpoint={checkpoint!r} is not accepted; use best, final, latest, init or a "
+            "step number."
         )
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
@@ -217,7 +219,15 @@ def load_run(
     setup = build_run(config, train, mesh)
     ckpts = RunCheckpoints(workdir)
     try:
-        if ckpts.latest_step(kind) is None:
+        kept = {k: ckpts.latest_step(k) for k in ("init", "latest", "best")}
+        if isinstance(kind, int):
+            matches = [k for k, step in kept.items() if step == kind]
+            if not matches:
+                raise FileNotFoundError(
+                    f"{workdir} keeps no checkpoint at step {kind}; kept steps: {kept}."
+                )
+            kind = matches[0]
+        if kept[kind] is None:
             raise FileNotFoundError(f"{workdir} has no {kind!r} checkpoint.")
         state, meta = ckpts.restore(kind, setup.state)
     finally:
