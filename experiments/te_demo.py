@@ -25,7 +25,9 @@ from experiments import te_table  # noqa: E402
 from jax_memat.training import default_config, train_and_evaluate  # noqa: E402
 
 
-def demo_config(*, te: bool, epochs: int, num_train: int, num_test: int, seed: int):
+def demo_config(
+    *, te: bool, epochs: int, num_train: int, num_test: int, seed: int, label_noise: float = 0.0
+):
     c = default_config()
     c.seed = seed
     c.epochs = epochs
@@ -33,6 +35,7 @@ def demo_config(*, te: bool, epochs: int, num_train: int, num_test: int, seed: i
     c.dataset.name = "fashion_mnist"
     c.dataset.num_train_examples = num_train
     c.dataset.num_test_examples = num_test
+    c.dataset.label_noise = label_noise
     c.dataset.augment = False
     c.model.name = "small_cnn"
     c.attack.eps = 0.1
@@ -46,7 +49,7 @@ def demo_config(*, te: bool, epochs: int, num_train: int, num_test: int, seed: i
     c.te.ramp_start = max(1, (9 * epochs) // 20)
     c.te.ramp_end = (3 * epochs) // 4
     c.eval.batch_size = 500
-    c.eval.num_train_examples = min(1000, num_train)
+    c.eval.num_train_examples = min(500, num_train)
     c.log_every_steps = 10
     return c
 
@@ -58,6 +61,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-train", type=int, default=4000)
     parser.add_argument("--num-test", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label-noise", type=float, default=0.0)
     args = parser.parse_args(argv)
     workdirs = []
     for te in (False, True):
@@ -68,6 +72,7 @@ def main(argv=None) -> None:
             num_train=args.num_train,
             num_test=args.num_test,
             seed=args.seed,
+            label_noise=args.label_noise,
         )
         print(f"== {workdir}", flush=True)
         train_and_evaluate(config, workdir)

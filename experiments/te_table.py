@@ -7,8 +7,10 @@ accuracy per epoch, with and without TE, one panel per dataset/model/objective).
 Each workdir needs ``config.json``, ``metrics.jsonl`` and ``final_report.json``
 (written at the end of every run). Columns: natural, PGD-k and CW accuracy on
 the test set for the Best checkpoint (highest per-epoch PGD test accuracy) and
-the Final one, and Final minus Best; AutoAttack columns appear for reports that
-hold ``test_autoattack_accuracy``.
+the Final one, and Final minus Best. AutoAttack columns appear for runs
+evaluated with ``python -m jax_memat.evaluate --attack=autoattack
+--checkpoint=best`` (and ``--checkpoint=final``), which write
+``<workdir>/eval/{best,final}_autoattack_test.json``.
 """
 
 from __future__ import annotations
@@ -59,8 +61,13 @@ def collect(workdirs: list[str]) -> list[dict]:
             report = json.load(f)
         row = {"workdir": wd, **describe(config), "pgd_steps": report["pgd_steps"]}
         row["best_epoch"], row["final_epoch"] = report["best"]["epoch"], report["final"]["epoch"]
+        for which in ("best", "final"):
+            path = os.path.join(wd, "eval", f"{which}_autoattack_test.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    report[which]["test_autoattack_accuracy"] = json.load(f)["robust_accuracy"]
         for name, key in METRICS:
-            if key in report["final"]:
+            if key in report["final"] and key in report["best"]:
                 best, final = 100 * report["best"][key], 100 * report["final"][key]
                 row[f"best_{name}"], row[f"final_{name}"] = best, final
                 row[f"diff_{name}"] = final - best

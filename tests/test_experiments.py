@@ -20,6 +20,11 @@ def test_te_table_collects_runs(tmp_path, capsys):
         workdir = str(tmp_path / ("te" if te else "plain"))
         train_and_evaluate(tiny_config(epochs=3, te=te), workdir)
         workdirs.append(workdir)
+    # What `python -m jax_memat.evaluate --attack=autoattack` writes (its robust_accuracy).
+    os.makedirs(os.path.join(workdirs[1], "eval"))
+    for which, acc in (("best", 0.25), ("final", 0.2)):
+        with open(os.path.join(workdirs[1], "eval", f"{which}_autoattack_test.json"), "w") as f:
+            json.dump({"robust_accuracy": acc}, f)
     os.makedirs(tmp_path / "unfinished")
     out = str(tmp_path / "table" / "main")
     te_table.main([*workdirs, str(tmp_path / "unfinished"), "--out", out])
@@ -36,6 +41,9 @@ def test_te_table_collects_runs(tmp_path, capsys):
             best, final = 100 * report["best"][key], 100 * report["final"][key]
             assert float(row[f"best_{name}"]) == pytest.approx(best)
             assert float(row[f"diff_{name}"]) == pytest.approx(final - best)
+    assert "best_AA" not in rows[0] or rows[0]["best_AA"] == ""
+    assert float(rows[1]["best_AA"]) == pytest.approx(25.0)
+    assert float(rows[1]["diff_AA"]) == pytest.approx(-5.0)
     with open(out + ".md") as f:
         md = f.read()
     assert "Final-Best PGD-3" in md.splitlines()[0]
