@@ -1,6 +1,7 @@
 """Small-scale demonstration of robust overfitting and of TE, on a 2-core CPU.
 
-PGD-AT and PGD-AT+TE on a Fashion-MNIST subset with the small CNN, the paper's
+PGD-AT and PGD-AT+TE on a Fashion-MNIST subset with the small CNN (twice the
+default width, so it can memorize adversarial examples), the paper's
 recipe scaled down in epochs: learning rate x0.1 at 50% and 75% of training
 (the paper: 100 and 150 of 200), TE's ramp from 45% to 75% (the paper: 90 to
 150 of 200), TE momentum 0.9 and weight 300 as in the paper. A small training
@@ -26,7 +27,15 @@ from jax_memat.training import default_config, train_and_evaluate  # noqa: E402
 
 
 def demo_config(
-    *, te: bool, epochs: int, num_train: int, num_test: int, seed: int, label_noise: float = 0.0
+    *,
+    te: bool,
+    epochs: int,
+    num_train: int,
+    num_test: int,
+    seed: int,
+    label_noise: float = 0.0,
+    cnn_width: int = 2,
+    eval_every: int = 2,
 ):
     c = default_config()
     c.seed = seed
@@ -38,6 +47,7 @@ def demo_config(
     c.dataset.label_noise = label_noise
     c.dataset.augment = False
     c.model.name = "small_cnn"
+    c.model.cnn_width = cnn_width
     c.attack.eps = 0.1
     c.attack.step_size = 0.025
     c.attack.steps = 10
@@ -49,6 +59,7 @@ def demo_config(
     c.te.ramp_start = max(1, (9 * epochs) // 20)
     c.te.ramp_end = (3 * epochs) // 4
     c.eval.batch_size = 500
+    c.eval.every_epochs = eval_every
     c.eval.num_train_examples = min(500, num_train)
     c.log_every_steps = 10
     return c
@@ -57,11 +68,13 @@ def demo_config(
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default="workdirs/te_demo")
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--num-train", type=int, default=4000)
-    parser.add_argument("--num-test", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--num-train", type=int, default=1000)
+    parser.add_argument("--num-test", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label-noise", type=float, default=0.0)
+    parser.add_argument("--cnn-width", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=2)
     args = parser.parse_args(argv)
     workdirs = []
     for te in (False, True):
@@ -73,6 +86,8 @@ def main(argv=None) -> None:
             num_test=args.num_test,
             seed=args.seed,
             label_noise=args.label_noise,
+            cnn_width=args.cnn_width,
+            eval_every=args.eval_every,
         )
         print(f"== {workdir}", flush=True)
         train_and_evaluate(config, workdir)

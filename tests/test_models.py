@@ -288,3 +288,22 @@ def test_bad_arguments_name_accepted_values():
     for num_classes in (1, 0):
         with pytest.raises(ValueError, match="at least 2"):
             models.get_model("small_cnn", num_classes)
+
+
+def test_small_cnn_width_multiplier():
+    import jax
+
+    from jax_memat.models import get_model, init_model
+
+    def count(module):
+        shapes = jax.eval_shape(lambda: init_model(module, jax.random.key(0), (28, 28, 1)))
+        return sum(x.size for x in jax.tree.leaves(shapes["params"]))
+
+    # By hand: conv1 3*3*1*64 = 576, bn1 128, conv2 3*3*64*128 = 73,728, bn2 256,
+    # fc1 4*4*128*256 + 256 = 524,544, linear 256*10 + 10 = 2,570.
+    assert (
+        count(get_model("small_cnn", 10, cnn_width=2)) == 576 + 128 + 73_728 + 256 + 524_544 + 2_570
+    )
+    assert count(get_model("small_cnn", 10)) == 151_402
+    with pytest.raises(ValueError, match="cnn_width must be a positive integer"):
+        get_model("small_cnn", 10, cnn_width=0)

@@ -34,7 +34,13 @@ MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def get_model(
-    name: str, num_classes: int, *, depth: int = 28, width: int = 10, dtype: str = "float32"
+    name: str,
+    num_classes: int,
+    *,
+    depth: int = 28,
+    width: int = 10,
+    dtype: str = "float32",
+    cnn_width: int = 1,
 ) -> nn.Module:
     """Builds a classifier by registry name.
 
@@ -51,6 +57,8 @@ def get_model(
       width: WRN widening factor; only used by ``wide_resnet``.
       dtype: compute dtype, ``"float32"`` or ``"bfloat16"``. Parameters and
         BatchNorm statistics stay float32 either way.
+      cnn_width: channel multiplier of ``small_cnn`` (1: 32-64 channels and a
+        128-unit hidden layer); only used by ``small_cnn``.
 
     Returns:
       An unbound Flax module.
@@ -70,6 +78,10 @@ def get_model(
         raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
     if name == "wide_resnet":
         return wide_resnet(num_classes, depth, width, _DTYPES[dtype])
+    if name == "small_cnn":
+        if not isinstance(cnn_width, int) or cnn_width < 1:
+            raise ValueError(f"cnn_width must be a positive integer, got {cnn_width!r}.")
+        return small_cnn(num_classes, _DTYPES[dtype], cnn_width)
     return _BUILDERS[name](num_classes, _DTYPES[dtype])
 
 

@@ -70,6 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.name = "preact_resnet18"
     c.model.depth = 28  # wide_resnet only
     c.model.width = 10  # wide_resnet only
+    c.model.cnn_width = 1  # small_cnn only: channel multiplier
     c.model.dtype = "float32"  # compute dtype; bfloat16 = mixed precision
 
     c.objective = ml_collections.ConfigDict()
@@ -204,6 +205,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"model.depth={m.depth!r}: a WideResNet depth must be 6n+4 (e.g. 16, 28, 34).",
             )
             positive_int(m.width, "model.width")
+        positive_int(m.cnn_width, "model.cnn_width")
 
         one_of(c.objective.name, OBJECTIVE_NAMES, "objective.name")
         number(c.objective.beta, "objective.beta", 0.0, math.inf, hi_open=True)

@@ -91,6 +91,7 @@ def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
         depth=config.model.depth,
         width=config.model.width,
         dtype=config.model.dtype,
+        cnn_width=config.model.cnn_width,
     )
     apply_fn = make_apply_fn(module)
     spe = steps_per_epoch(train.num_examples, config.batch_size)
