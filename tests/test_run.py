@@ -307,6 +307,49 @@ def test_evaluate_entry_point_on_a_finished_run(tmp_path):
     assert result["robust_accuracy"] <= result["natural_accuracy"]
     by_step = run_evaluation(workdir, checkpoint=6, attack="cw", steps=3, batch_size=16)
     assert by_step["natural_accuracy"] == result["natural_accuracy"]
+    # AutoAttack through the same entry point: never above PGD, outputs checked.
+    adv_path = str(tmp_path / "adv.npz")
+    aa = run_evaluation(
+        workdir, checkpoint="final", attack="autoattack", batch_size=16, save_adversarial=adv_path
+    )
+    assert aa["natural_accuracy"] == result["natural_accuracy"]
+    assert aa["robust_accuracy"] <= report["final"]["test_pgd_accuracy"]
+    assert list(aa["accuracy_after_each_attack"]) == [
+        "clean",
+        "apgd-ce",
+        "apgd-t",
+        "fab-t",
+        "square",
+    ]
+    assert {k: v for k, v in aa["checks"].items() if k != "max_perturbation"} == {
+        "outside_eps": 0,
+        "outside_box": 0,
+        "nonfinite": 0,
+        "flag_mismatch": 0,
+    }
+    assert aa["checks"]["max_perturbation"] <= 0.1 + 1e-6
+    with np.load(adv_path) as adv:
+        assert adv["x_adv"].shape == (40, 8, 8, 1)
+        assert adv["robust"].mean() == pytest.approx(aa["robust_accuracy"])
+    # The command line writes its JSON under <workdir>/eval/.
+    cmd = [
+        sys.executable,
+        "-m",
+        "jax_memat.evaluate",
+        f"--workdir={workdir}",
+        "--attack=cw",
+        "--steps=3",
+        "--batch_size=16",
+        "--checkpoint=best",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "eval", "best_cw_test.json")) as f:
+        assert json.load(f)["attack"] == "cw"
+    proc = subprocess.run(
+        [*cmd[:-1], "--checkpoint=5"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2 and "keeps no checkpoint at step 5" in proc.stderr
     with pytest.raises(FileNotFoundError, match="keeps no checkpoint at step 5"):
         run_evaluation(workdir, checkpoint=5)
     with pytest.raises(ValueError, match="attack='fgsm' is not accepted"):
