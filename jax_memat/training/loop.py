@@ -153,8 +153,14 @@ def train_and_evaluate(
     # The data lives on the devices for the whole run.
     train_images, train_labels = replicate((train.images, train.labels), mesh)
     test_images, test_labels = replicate((test.images, test.labels), mesh)
-    n_train_eval = _num(config.eval.num_train_examples, train.num_examples)
-    n_test_eval = _num(config.eval.num_test_examples, test.num_examples)
+    splits = {  # what evaluation covers: the first n rows of each set
+        "train": (
+            train_images,
+            train_labels,
+            _num(config.eval.num_train_examples, train.num_examples),
+        ),
+        "test": (test_images, test_labels, _num(config.eval.num_test_examples, test.num_examples)),
+    }
 
     from tqdm.auto import tqdm
 
@@ -212,21 +218,15 @@ def train_and_evaluate(
             }
             if epoch % config.eval.every_epochs == 0 or epoch == config.epochs:
                 t1 = time.perf_counter()
-                key = jax.random.fold_in(eval_key, epoch)
-                for split, images, labels, n in (
-                    ("train", train_images, train_labels, n_train_eval),
-                    ("test", test_images, test_labels, n_test_eval),
-                ):
-                    per_example, summary = evaluate(
-                        epoch_eval_fn,
-                        state.variables,
-                        images,
-                        labels,
-                        batch_size=config.eval.batch_size,
-                        key=jax.random.fold_in(key, split == "test"),
-                        mesh=mesh,
-                        num_examples=n,
-                    )
+                per_split = _evaluate_splits(
+                    epoch_eval_fn,
+                    state.variables,
+                    jax.random.fold_in(eval_key, epoch),
+                    splits,
+                    batch_size=config.eval.batch_size,
+                    mesh=mesh,
+                )
+                for split, (per_example, summary) in per_split.items():
                     row.update({f"{split}_{k}": v for k, v in summary.items()})
                     if config.eval.save_per_example:
                         os.makedirs(os.path.join(workdir, "per_example"), exist_ok=True)
@@ -243,17 +243,7 @@ def train_and_evaluate(
             ckpts.save("latest", state, {"epoch": epoch, "metrics": row})
             bar.write(_summary_line(row))
         bar.close()
-        report = _final_report(
-            config,
-            workdir,
-            ckpts,
-            state,
-            apply_fn,
-            mesh,
-            eval_key,
-            (train_images, train_labels, n_train_eval),
-            (test_images, test_labels, n_test_eval),
-        )
+        report = _final_report(config, workdir, ckpts, state, apply_fn, mesh, eval_key, splits)
     finally:
         bar.close()
         writer.close()
@@ -280,7 +270,24 @@ def _summary_line(row: dict) -> str:
     return " | ".join(parts)
 
 
-def _final_report(config, workdir, ckpts, state, apply_fn, mesh, eval_key, train_data, test_data):
+def _evaluate_splits(eval_fn, variables, key, splits, *, batch_size, mesh) -> dict:
+    """``{split: (per_example, summary)}`` for the train and test splits."""
+    return {
+        split: evaluate(
+            eval_fn,
+            variables,
+            images,
+            labels,
+            batch_size=batch_size,
+            key=jax.random.fold_in(key, split == "test"),
+            mesh=mesh,
+            num_examples=n,
+        )
+        for split, (images, labels, n) in splits.items()
+    }
+
+
+def _final_report(config, workdir, ckpts, state, apply_fn, mesh, eval_key, splits):
     """Best and Final checkpoints under the final attacks (PGD-20, CW-20)."""
     eval_fn = make_eval_fn(
         apply_fn, _eval_attacks(config, config.final_eval.pgd_steps, config.final_eval.cw), mesh
@@ -297,17 +304,10 @@ def _final_report(config, workdir, ckpts, state, apply_fn, mesh, eval_key, train
         ("best", best_state, int(best_meta["epoch"])),
     ):
         entry = {"epoch": epoch}
-        for split, (images, labels, n) in (("train", train_data), ("test", test_data)):
-            _, summary = evaluate(
-                eval_fn,
-                st.variables,
-                images,
-                labels,
-                batch_size=config.eval.batch_size,
-                key=jax.random.fold_in(key, split == "test"),
-                mesh=mesh,
-                num_examples=n,
-            )
+        per_split = _evaluate_splits(
+            eval_fn, st.variables, key, splits, batch_size=config.eval.batch_size, mesh=mesh
+        )
+        for split, (_, summary) in per_split.items():
             entry.update({f"{split}_{k}": v for k, v in summary.items()})
         report[name] = entry
     with open(os.path.join(workdir, REPORT_FILE), "w") as f:
