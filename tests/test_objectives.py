@@ -131,3 +131,9 @@ def test_bad_objective_input():
         make_objective("trades", apply_fn, pgd(), beta=-1.0)
     with pytest.raises(ValueError, match="regularizer_output='logits' is not accepted"):
         make_objective("trades", apply_fn, pgd(), regularizer_output="logits")
+
+
+def test_pgd_at_with_fgsm_reaches_the_corner_in_one_step():
+    fgsm = AttackSpec("fgsm", eps=0.1, step_size=0.1, steps=1, random_start=False)
+    loss, _ = make_objective("pgd_at", apply_fn, fgsm)(PARAMS, {}, BATCH, KEY)
+    assert float(loss[0]) == pytest.approx(softplus(-0.2), rel=1e-5)

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import ml_collections
 
 CONFIG_FILE = "config.json"
+# Attacks a training objective can craft its examples with (evaluation has more).
+TRAINING_ATTACKS = ("pgd", "fgsm")
 # Fields that may change between a run and its resumption (they do not affect
 # the numbers): logging cadence and display.
 RESUMABLE_FIELDS = ("epochs", "log_every_steps", "progress_bar", "tensorboard")
@@ -87,6 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.te.regularize_attack = True  # R also in the attack objective
 
     c.attack = ml_collections.ConfigDict()  # the training attack
+    c.attack.name = "pgd"  # pgd | fgsm (one step; steps must be 1); TRADES uses its KL attack
     c.attack.norm = "linf"
     c.attack.eps = 8 / 255
     c.attack.step_size = 2 / 255
@@ -225,6 +228,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             check(c.objective.beta > 0, "TRADES+TE needs objective.beta > 0.")
 
         a = c.attack
+        one_of(a.name, TRAINING_ATTACKS, "attack.name")
+        if a.name == "fgsm":
+            check(
+                a.steps == 1, f"attack.steps={a.steps!r}: attack.name='fgsm' takes exactly 1 step."
+            )
         one_of(a.norm, NORMS, "attack.norm")
         number(
             a.eps,

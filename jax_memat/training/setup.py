@@ -112,7 +112,7 @@ def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
         nesterov=config.optimizer.nesterov,
     )
     a = config.attack
-    attack = AttackSpec("pgd", a.eps, a.step_size, a.steps, a.norm, a.random_start)
+    attack = AttackSpec(a.name, a.eps, a.step_size, a.steps, a.norm, a.random_start)
     make_loss = functools.partial(
         make_objective,
         config.objective.name,
