@@ -164,3 +164,19 @@ def test_evaluate_counts_every_example_once_and_matches_direct_computation():
     np.testing.assert_array_equal(per_example["natural_correct"], direct)
     assert summary["natural_accuracy"] == pytest.approx(direct.mean())
     assert set(summary) == {"natural_accuracy", "natural_loss", "pgd_accuracy", "pgd_loss"}
+
+
+def test_mixed_precision_step_keeps_float32_state():
+    mesh = make_mesh(jax.devices()[:1])
+    module = get_model("small_cnn", 4, dtype="bfloat16")
+    tx = make_optimizer("sgd", 0.05, momentum=0.9)
+    state = create_train_state(module, jax.random.key(0), (8, 8, 1), tx, mesh)
+    step = make_train_step(make_objective("pgd_at", make_apply_fn(module), ATTACK), tx, mesh)
+    batch = shard_batch(_batch(), mesh)
+    losses = []
+    for _ in range(10):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.model_state))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
