@@ -11,7 +11,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from jax_memat.attacks import (
@@ -27,6 +26,7 @@ from jax_memat.attacks import (
     project,
     soft_cross_entropy,
 )
+from tests.helpers import mlp_apply, train_mlp
 
 IMAGE_SHAPE = (3, 3, 2)
 NUM_CLASSES = 4
@@ -41,11 +41,7 @@ BATCH = 64
 # Models and data.
 
 
-def _mlp_apply(variables, images, train):
-    del train  # No batch-dependent layers: same function in both modes.
-    p = variables["params"]
-    h = jax.nn.relu(images.reshape(images.shape[0], -1) @ p["w1"] + p["b1"])
-    return h @ p["w2"] + p["b2"], {}
+_mlp_apply = mlp_apply
 
 
 def _make_data(seed, n):
@@ -62,33 +58,7 @@ def _make_data(seed, n):
 def trained():
     """A 2-layer MLP trained for 300 full-batch Adam steps; returns (variables, x, y)."""
     x, y = _make_data(0, 256)
-    dim, hidden = int(np.prod(IMAGE_SHAPE)), 32
-    rng = np.random.default_rng(1)
-    params = {
-        "w1": rng.normal(size=(dim, hidden)) / np.sqrt(dim),
-        "b1": np.zeros(hidden),
-        "w2": rng.normal(size=(hidden, NUM_CLASSES)) / np.sqrt(hidden),
-        "b2": np.zeros(NUM_CLASSES),
-    }
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-    opt = optax.adam(1e-2)
-
-    def loss(params):
-        logits, _ = _mlp_apply({"params": params}, x, True)
-        return jnp.mean(cross_entropy(logits, y))
-
-    @jax.jit
-    def train(params):
-        def body(carry, _):
-            params, opt_state = carry
-            grads = jax.grad(loss)(params)
-            updates, opt_state = opt.update(grads, opt_state)
-            return (optax.apply_updates(params, updates), opt_state), None
-
-        (params, _), _ = jax.lax.scan(body, (params, opt.init(params)), None, length=300)
-        return params
-
-    variables = {"params": train(params)}
+    variables = train_mlp(x, y, NUM_CLASSES, seed=1)
     # Attack training points (the model fits them well: high natural accuracy).
     return variables, x[:BATCH], y[:BATCH]
 

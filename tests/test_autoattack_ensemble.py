@@ -9,7 +9,6 @@ version runs in the slow tests.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax import monitoring
 from jax.sharding import Mesh
@@ -24,6 +23,7 @@ from jax_memat.attacks.autoattack import (
     square_attack,
 )
 from jax_memat.training.mesh import make_mesh
+from tests.helpers import mlp_apply, train_mlp
 
 # A lowering happens on every (re)compilation, also when the persistent
 # compilation cache of the test set-up then skips the backend compile.
@@ -38,11 +38,7 @@ N, CHUNK = 64, 16  # 4 chunks of 2 rows per device
 QUERIES = 300
 
 
-def apply_fn(variables, images, train):
-    del train  # no batch-dependent layers
-    p = variables["params"]
-    h = jax.nn.relu(images.reshape(images.shape[0], -1) @ p["w1"] + p["b1"])
-    return h @ p["w2"] + p["b2"], {}
+apply_fn = mlp_apply
 
 
 def _data(n, seed):
@@ -57,31 +53,9 @@ def _data(n, seed):
 def model():
     """``(variables, x_test, y_test)``: the MLP after 300 full-batch Adam steps."""
     x, y = _data(512, 1)
-    dim, hidden = int(np.prod(SHAPE)), 32
-    rng = np.random.default_rng(2)
-    params = {
-        "w1": rng.normal(size=(dim, hidden)) / np.sqrt(dim),
-        "b1": np.zeros(hidden),
-        "w2": rng.normal(size=(hidden, K)) / np.sqrt(hidden),
-        "b2": np.zeros(K),
-    }
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-    opt = optax.adam(1e-2)
-
-    def loss(params):
-        return jnp.mean(cross_entropy(apply_fn({"params": params}, x, True)[0], y))
-
-    @jax.jit
-    def train(params):
-        def body(carry, _):
-            params, state = carry
-            updates, state = opt.update(jax.grad(loss)(params), state)
-            return (optax.apply_updates(params, updates), state), None
-
-        return jax.lax.scan(body, (params, opt.init(params)), None, length=300)[0][0]
-
+    variables = train_mlp(x, y, K, seed=2)
     x_test, y_test = _data(N, 3)
-    return {"params": train(params)}, x_test, y_test
+    return variables, x_test, y_test
 
 
 def _predict(variables, x):
