@@ -41,9 +41,6 @@ BATCH = 64
 # Models and data.
 
 
-_mlp_apply = mlp_apply
-
-
 def _make_data(seed, n):
     # NumPy, not jax.random: eager JAX ops each compile, which costs seconds on CPU.
     rng = np.random.default_rng(seed)
@@ -201,7 +198,7 @@ def adversarial(trained):
     def get(name, norm):
         if (name, norm) not in cache:
             attack = make_attack(_spec(name, norm))
-            cache[name, norm] = attack(_mlp_apply, variables, x, y, jax.random.key(1))
+            cache[name, norm] = attack(mlp_apply, variables, x, y, jax.random.key(1))
         return cache[name, norm]
 
     return get
@@ -222,7 +219,7 @@ def test_jit_matches_eager(trained, adversarial, name, norm):
     variables, x, y = trained
     attack = make_attack(_spec(name, norm))
     # Pure: jitted, with the model function closed over, it computes the same.
-    jitted = jax.jit(lambda v, xs, ys, k: attack(_mlp_apply, v, xs, ys, k))
+    jitted = jax.jit(lambda v, xs, ys, k: attack(mlp_apply, v, xs, ys, k))
     np.testing.assert_allclose(
         jitted(variables, x, y, jax.random.key(1)), adversarial(name, norm), atol=1e-6
     )
@@ -231,7 +228,7 @@ def test_jit_matches_eager(trained, adversarial, name, norm):
 @pytest.mark.parametrize("norm", NORMS)
 def test_raw_functions_stay_in_ball_and_box(trained, norm):
     variables, x, y = trained
-    logits_fn = lambda v: _mlp_apply(variables, v, False)[0]
+    logits_fn = lambda v: mlp_apply(variables, v, False)[0]
     objective = lambda z: cross_entropy(z, y)
     eps, key = EPS[norm], jax.random.key(2)
     # FGSM with a random start (Wong et al.) and a step larger than eps.
@@ -258,7 +255,7 @@ def test_raw_functions_stay_in_ball_and_box(trained, norm):
 @pytest.mark.parametrize("norm", NORMS)
 def test_zero_steps_returns_start_point(trained, norm):
     variables, x, y = trained
-    logits_fn = lambda v: _mlp_apply(variables, v, False)[0]
+    logits_fn = lambda v: mlp_apply(variables, v, False)[0]
     objective = lambda z: cross_entropy(z, y)
     eps, key = EPS[norm], jax.random.key(3)
     run = lambda init, **kw: pgd(
@@ -283,7 +280,7 @@ def test_zero_steps_returns_start_point(trained, norm):
 @pytest.mark.parametrize("name", ATTACK_NAMES)
 def test_zero_eps_returns_input(trained, name, norm):
     variables, x, y = trained
-    x_adv = make_attack(_spec(name, norm, eps=0.0))(_mlp_apply, variables, x, y, jax.random.key(4))
+    x_adv = make_attack(_spec(name, norm, eps=0.0))(mlp_apply, variables, x, y, jax.random.key(4))
     np.testing.assert_array_equal(x_adv, x)
 
 
@@ -295,7 +292,7 @@ def test_zero_eps_returns_input(trained, name, norm):
 @pytest.mark.parametrize("name", ["pgd", "cw", "trades"])
 def test_attack_increases_its_objective(trained, adversarial, name, norm):
     variables, x, y = trained
-    logits_fn = lambda v: _mlp_apply(variables, v, False)[0]
+    logits_fn = lambda v: mlp_apply(variables, v, False)[0]
     clean = logits_fn(x)
     objective = {
         "pgd": lambda z: cross_entropy(z, y),
@@ -304,7 +301,7 @@ def test_attack_increases_its_objective(trained, adversarial, name, norm):
     }[name]
     # The start point: the same attack with no steps and the same key.
     spec = dataclasses.replace(_spec(name, norm), steps=0)
-    start = make_attack(spec)(_mlp_apply, variables, x, y, jax.random.key(1))
+    start = make_attack(spec)(mlp_apply, variables, x, y, jax.random.key(1))
     before = np.asarray(objective(logits_fn(start)))
     after = np.asarray(objective(logits_fn(adversarial(name, norm))))
     assert np.all(after >= before - 1e-4)
@@ -314,7 +311,7 @@ def test_attack_increases_its_objective(trained, adversarial, name, norm):
 @pytest.mark.parametrize("norm", NORMS)
 def test_accuracy_ordering(trained, adversarial, norm):
     variables, x, y = trained
-    accuracy = lambda xs: _accuracy(_mlp_apply(variables, xs, False)[0], y)
+    accuracy = lambda xs: _accuracy(mlp_apply(variables, xs, False)[0], y)
     natural = accuracy(x)
     fgsm_acc = accuracy(adversarial("fgsm", norm))
     pgd_acc = accuracy(adversarial("pgd", norm))
@@ -388,7 +385,7 @@ def test_objective_extra_is_added(linear, norm):
 def test_output_is_behind_stop_gradient(trained):
     variables, x, y = trained
     attack = make_attack(_spec("pgd", "linf"))
-    grad = jax.grad(lambda xs: jnp.sum(attack(_mlp_apply, variables, xs, y, jax.random.key(9))))(x)
+    grad = jax.grad(lambda xs: jnp.sum(attack(mlp_apply, variables, xs, y, jax.random.key(9))))(x)
     np.testing.assert_array_equal(grad, jnp.zeros_like(x))
 
 

@@ -38,9 +38,6 @@ N, CHUNK = 64, 16  # 4 chunks of 2 rows per device
 QUERIES = 300
 
 
-apply_fn = mlp_apply
-
-
 def _data(n, seed):
     means = np.random.default_rng(0).uniform(0.3, 0.7, (K, *SHAPE))
     rng = np.random.default_rng(seed)
@@ -59,14 +56,14 @@ def model():
 
 
 def _predict(variables, x):
-    return np.argmax(np.asarray(apply_fn(variables, jnp.asarray(x), False)[0]), -1)
+    return np.argmax(np.asarray(mlp_apply(variables, jnp.asarray(x), False)[0]), -1)
 
 
 def _run(model, norm, **kwargs):
     variables, x, y = model
     args = {"version": "custom", "n_queries": QUERIES, "chunk_size": CHUNK} | kwargs
     return autoattack(
-        apply_fn, variables, x, y, eps=EPS[norm], norm=norm, key=jax.random.key(0), **args
+        mlp_apply, variables, x, y, eps=EPS[norm], norm=norm, key=jax.random.key(0), **args
     )
 
 
@@ -86,7 +83,7 @@ def test_autoattack_is_at_most_pgd20_is_at_most_natural(model, runs, norm):
     result = runs[norm]
     natural = float(np.mean(_predict(variables, x) == y))
     x_pgd = pgd(
-        lambda v: apply_fn(variables, v, False)[0],
+        lambda v: mlp_apply(variables, v, False)[0],
         lambda z: cross_entropy(z, jnp.asarray(y)),
         jnp.asarray(x),
         jax.random.key(1),
@@ -130,7 +127,7 @@ def test_every_adversarial_input_is_checked(model, runs, norm):
 def test_each_attack_alone_finds_adversarial_points(model):
     variables, x, y = model
     x, y = jnp.asarray(x), jnp.asarray(y)
-    logits_fn = lambda v: apply_fn(variables, v, False)[0]  # noqa: E731
+    logits_fn = lambda v: mlp_apply(variables, v, False)[0]  # noqa: E731
     natural = np.asarray(jnp.argmax(logits_fn(x), -1) == y)
     eps, key = EPS["linf"], jax.random.key(0)
     results = {
@@ -155,7 +152,7 @@ def test_nothing_recompiles_as_points_drop_out_and_runs_are_seeded(model, runs):
     try:
         # Fewer points: other chunk counts and paddings, the same compiled attacks.
         subset = autoattack(
-            apply_fn, variables, x[:40], y[:40], eps=EPS["linf"], norm="linf",
+            mlp_apply, variables, x[:40], y[:40], eps=EPS["linf"], norm="linf",
             key=jax.random.key(0), version="custom", n_queries=QUERIES, chunk_size=CHUNK,
         )  # fmt: skip
     finally:
@@ -167,7 +164,7 @@ def test_nothing_recompiles_as_points_drop_out_and_runs_are_seeded(model, runs):
     same = _run(model, "linf", attacks=("apgd-ce",))
     np.testing.assert_array_equal(again.x_adv, same.x_adv)
     other = autoattack(
-        apply_fn, variables, x, y, eps=EPS["linf"], norm="linf", key=jax.random.key(1),
+        mlp_apply, variables, x, y, eps=EPS["linf"], norm="linf", key=jax.random.key(1),
         version="custom", attacks=("apgd-ce",), chunk_size=CHUNK,
     )  # fmt: skip
     assert not np.array_equal(other.x_adv, again.x_adv)
@@ -203,7 +200,7 @@ def test_data_parallel_matches_one_device(model):
 def test_bad_input_raises_before_compiling(model, kwargs, match):
     variables, x, y = model
     args = {
-        "apply_fn": apply_fn, "variables": variables, "images": x, "labels": y,
+        "apply_fn": mlp_apply, "variables": variables, "images": x, "labels": y,
         "eps": 0.05, "norm": "linf", "key": jax.random.key(0), "chunk_size": CHUNK,
     }  # fmt: skip
     args |= kwargs
@@ -216,7 +213,7 @@ def test_bad_input_raises_before_compiling(model, kwargs, match):
     if kwargs.get("labels") == "out of range":
         args["labels"] = y + 10
     if kwargs.get("apply_fn") == "three classes":
-        args["apply_fn"] = lambda v, images, train: (apply_fn(v, images, train)[0][:, :3], {})
+        args["apply_fn"] = lambda v, images, train: (mlp_apply(v, images, train)[0][:, :3], {})
     compiles = []
     monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: compiles.append(event)
@@ -234,7 +231,14 @@ def test_bad_input_raises_before_compiling(model, kwargs, match):
 def test_standard_version(model, runs, norm):
     variables, x, y = model
     result = autoattack(
-        apply_fn, variables, x, y, eps=EPS[norm], norm=norm, key=jax.random.key(0), chunk_size=CHUNK
+        mlp_apply,
+        variables,
+        x,
+        y,
+        eps=EPS[norm],
+        norm=norm,
+        key=jax.random.key(0),
+        chunk_size=CHUNK,
     )
     assert result.robust_accuracy <= runs[norm].accuracy["fab-t"]
     assert result.checks["outside_eps"] == result.checks["flag_mismatch"] == 0
