@@ -101,7 +101,7 @@ def train_and_evaluate(
       >>> from jax_memat.training import default_config, train_and_evaluate
       >>> config = default_config(); config.dataset.name = "synthetic"
       >>> config.model.name = "small_cnn"; config.epochs = 2
-      >>> report = train_and_evaluate(config, "/tmp/run")
+      >>> report = train_and_evaluate(config, "workdirs/run")
     """
     validate_config(config)
     mesh = make_mesh(devices)
