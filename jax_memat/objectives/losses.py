@@ -9,6 +9,7 @@ attacking, ``model.train()`` for the loss).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -102,10 +103,19 @@ def make_objective(
             return jnp.zeros(logits.shape[0], jnp.float32)
         return regularizer(logits, batch)
 
-    def attack_extra(batch: dict, scale: float = 1.0):
-        if attack_regularizer is None:
-            return None
-        return lambda logits: attack_regularizer(logits, batch) / scale
+    def craft(run_attack, variables, batch: dict, key, scale: float = 1.0) -> jax.Array:
+        """Adversarial inputs (model state untouched), with the attack regularizer if any."""
+        extra = None
+        if attack_regularizer is not None:
+            extra = lambda logits: attack_regularizer(logits, batch) / scale  # noqa: E731
+        return run_attack(
+            apply_fn,
+            jax.lax.stop_gradient(variables),
+            batch["image"],
+            batch["label"],
+            key,
+            objective_extra=extra,
+        )
 
     def variables_of(params, model_state):
         return {"params": params, **model_state}
@@ -125,40 +135,18 @@ def make_objective(
 
         def pgd_at_loss(params, model_state, batch, key):
             variables = variables_of(params, model_state)
-            x_adv = run_attack(
-                apply_fn,
-                jax.lax.stop_gradient(variables),
-                batch["image"],
-                batch["label"],
-                key,
-                objective_extra=attack_extra(batch),
-            )
+            x_adv = craft(run_attack, variables, batch, key)
             logits, new_state = apply_fn(variables, x_adv, True)
             loss = cross_entropy(logits, batch["label"]) + penalty(logits, batch)
             return loss, {"model_state": new_state, "per_example": {"logits": logits}}
 
         return pgd_at_loss
 
-    trades_spec = AttackSpec(
-        name="trades",
-        eps=attack.eps,
-        step_size=attack.step_size,
-        steps=attack.steps,
-        norm=attack.norm,
-        random_start=attack.random_start,
-    )
-    run_trades_attack = make_attack(trades_spec)
+    run_trades_attack = make_attack(dataclasses.replace(attack, name="trades"))
 
     def trades_loss(params, model_state, batch, key):
         variables = variables_of(params, model_state)
-        x_adv = run_trades_attack(
-            apply_fn,
-            jax.lax.stop_gradient(variables),
-            batch["image"],
-            batch["label"],
-            key,
-            objective_extra=attack_extra(batch, beta),
-        )
+        x_adv = craft(run_trades_attack, variables, batch, key, beta)
         # Two training-mode passes, natural then adversarial, exactly as the
         # TRADES code: BatchNorm running statistics are updated by both.
         logits_nat, state_nat = apply_fn(variables, batch["image"], True)
