@@ -193,7 +193,11 @@ def _snapshot(path):
         ("attack.eps", 2.0, r"attack.eps=2.0 is out of range; accepted: a number in \[0.0, 1.0\]"),
         ("attack.step_size", 0.0, "attack.step_size=0.0 is out of range"),
         ("dataset.label_noise", 1.5, "dataset.label_noise=1.5 is out of range"),
-        ("batch_size", 12, "must be a positive multiple of the number of devices"),
+        (
+            "batch_size",
+            12,
+            "batch_size=12 does not split over the 8 devices; accepted: a multiple of 8, e.g. 8 or 16",
+        ),
     ],
 )
 def test_bad_config_stops_before_anything_compiles(tmp_path, field, value, match):

@@ -19,14 +19,23 @@ Example (a notebook):
 
 from jax_memat.training.checkpoints import RunCheckpoints
 from jax_memat.training.config import (
-    ConfigError,
-    WorkdirConflictError,
     check_workdir_config,
     default_config,
     validate_config,
 )
+from jax_memat.training.errors import (
+    ConfigError,
+    CorruptFileError,
+    NonFiniteLossError,
+    ResourceError,
+    RunError,
+    RunInterrupted,
+    WorkdirConflictError,
+    WorkdirError,
+    WorkdirLockedError,
+)
 from jax_memat.training.evaluate import evaluate, make_eval_fn
-from jax_memat.training.loop import NonFiniteLossError, train_and_evaluate
+from jax_memat.training.loop import train_and_evaluate
 from jax_memat.training.mesh import (
     batch_sharded,
     check_batch_size,
@@ -50,12 +59,18 @@ __all__ = [
     "OPTIMIZER_NAMES",
     "SCHEDULE_NAMES",
     "ConfigError",
+    "CorruptFileError",
     "NonFiniteLossError",
     "RunCheckpoints",
     "LoadedRun",
+    "ResourceError",
+    "RunError",
+    "RunInterrupted",
     "RunSetup",
     "TrainState",
     "WorkdirConflictError",
+    "WorkdirError",
+    "WorkdirLockedError",
     "batch_sharded",
     "build_run",
     "check_batch_size",

@@ -3,29 +3,68 @@
 Layout under ``<workdir>/checkpoints``::
 
     init/<step>/    the state before the first step (analyses compare to it)
-    latest/<step>/  the most recent end-of-epoch state (resume starts here)
+    latest/<step>/  the two most recent end-of-epoch states (resume starts here)
     best/<step>/    the state with the highest robust test accuracy so far,
                     ties broken by natural accuracy
+    corrupt/        checkpoints found damaged, moved aside (never deleted)
 
 Each checkpoint holds the whole ``TrainState`` (enough to resume bit for bit
 and to run any analysis) and a small JSON ``meta`` item (epoch, metrics).
-Saves are asynchronous: the device-to-host copy happens at ``save`` time, the
-write in the background; an interrupted write never replaces a complete one.
+
+Saves are synchronous: ``save`` returns once the checkpoint is on disk, so a
+failed save (disk full) raises at the save that failed, and the state of the
+last finished epoch is on disk before the next epoch starts. Orbax writes
+into a temporary folder and renames it when complete, so an interrupted save
+never replaces a complete checkpoint. After the rename, ``save`` adds a
+manifest (``jax_memat_manifest.json``: every file's size and SHA-256) that
+``verify`` checks before a restore, so a truncated or missing file is found
+and named instead of surfacing as a storage-layer error (or not at all).
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from jax_memat.training.errors import CorruptFileError
+from jax_memat.training.workdir import read_json, warn, write_json
+
 KINDS = ("init", "latest", "best")
+MANIFEST = "jax_memat_manifest.json"
+CORRUPT_DIR = "corrupt"
+# How many steps each kind keeps: two latest ones, so that a damaged latest
+# checkpoint falls back to the epoch before it rather than to the best one.
+_KEEP = {"init": 1, "latest": 2, "best": 1}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: str) -> dict[str, str]:
+    """Relative path -> absolute path of every file under ``folder`` but the manifest."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, folder)
+            if rel != MANIFEST:
+                out[rel] = full
+    return out
 
 
 class RunCheckpoints:
-    """The three checkpoint managers of one workdir.
+    """The checkpoint managers of one workdir.
 
     Example:
       >>> ckpts = RunCheckpoints(workdir)
@@ -33,36 +72,83 @@ class RunCheckpoints:
       >>> state, meta = ckpts.restore("latest", abstract_state)
     """
 
-    def __init__(self, workdir: str, *, async_save: bool = True):
+    def __init__(self, workdir: str):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        self._managers = {
-            kind: ocp.CheckpointManager(
-                os.path.join(self.directory, kind),
-                options=ocp.CheckpointManagerOptions(
-                    max_to_keep=1,
-                    create=True,
-                    enable_async_checkpointing=async_save,
-                ),
-            )
-            for kind in KINDS
-        }
+        self._managers = {kind: self._manager(kind) for kind in KINDS}
+
+    def _manager(self, kind: str) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            os.path.join(self.directory, kind),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=_KEEP[kind],
+                create=True,
+                enable_async_checkpointing=False,
+            ),
+        )
+
+    def step_dir(self, kind: str, step: int) -> str:
+        return os.path.join(self.directory, kind, str(step))
+
+    def steps(self, kind: str) -> list[int]:
+        """The kept steps of ``kind``, oldest first."""
+        return sorted(self._managers[kind].all_steps())
 
     def latest_step(self, kind: str) -> int | None:
-        """Step of the saved ``kind`` checkpoint, or ``None`` if there is none."""
+        """Step of the newest ``kind`` checkpoint, or ``None`` if there is none."""
         return self._managers[kind].latest_step()
 
     def save(self, kind: str, state: Any, meta: dict) -> None:
-        """Saves ``state`` (and ``meta``) as the ``kind`` checkpoint, replacing the old one."""
+        """Saves ``state`` (and ``meta``) as the ``kind`` checkpoint; returns when on disk.
+
+        A save at a step already kept is skipped when that checkpoint is
+        intact (resuming right after a save writes the same state again).
+        """
         step = int(jax.device_get(state.step))
         manager = self._managers[kind]
-        if manager.latest_step() == step:
-            return  # Already saved at this step (e.g. resuming right after a save).
+        if step in manager.all_steps():
+            if self.verify(kind, step) is None:
+                return
+            self._set_aside(kind, step, "it was damaged and is being saved again")
+            manager = self._managers[kind]
         manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
             ),
         )
+        manager.wait_until_finished()
+        folder = self.step_dir(kind, step)
+        manifest = {rel: [os.path.getsize(p), _sha256(p)] for rel, p in _files(folder).items()}
+        write_json(os.path.join(folder, MANIFEST), {"files": manifest})
+
+    def verify(self, kind: str, step: int) -> str | None:
+        """Checks a checkpoint's files against its manifest.
+
+        Returns:
+          None when every file is there with its recorded size and hash (or
+          the checkpoint predates manifests), else what is wrong, naming the
+          file.
+        """
+        folder = self.step_dir(kind, step)
+        path = os.path.join(folder, MANIFEST)
+        if not os.path.isdir(folder):
+            return f"{folder} is missing"
+        if not os.path.exists(path):
+            return None  # written by an older version or killed before the manifest: unverified
+        try:
+            manifest = read_json(path)["files"]
+        except (CorruptFileError, KeyError, TypeError):
+            return f"{path} is damaged"
+        for rel, (size, digest) in sorted(manifest.items()):
+            full = os.path.join(folder, rel)
+            if not os.path.exists(full):
+                return f"{full} is missing"
+            actual = os.path.getsize(full)
+            if actual != size:
+                return f"{full} has {actual} bytes, {size} were written (truncated?)"
+            if _sha256(full) != digest:
+                return f"{full} has changed since it was written"
+        return None
 
     def restore(self, kind: str, target: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores the ``kind`` checkpoint into the structure and shardings of ``target``.
@@ -71,23 +157,87 @@ class RunCheckpoints:
           kind: one of ``"init"``, ``"latest"``, ``"best"``.
           target: a state (or its ``jax.ShapeDtypeStruct`` tree) giving structure,
             dtypes and shardings.
-          step: which step; default the saved one.
+          step: which step; default the newest.
+
+        Raises:
+          FileNotFoundError: there is no such checkpoint.
+          CorruptFileError: the checkpoint is damaged; the message names the file.
         """
         manager = self._managers[kind]
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"No {kind!r} checkpoint under {self.directory}.")
+        problem = self.verify(kind, step)
+        if problem:
+            raise CorruptFileError(f"The {kind} checkpoint (step {step}) is damaged: {problem}.")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-            ),
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as err:  # orbax/tensorstore raise many types; all mean "unreadable"
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CorruptFileError(
+                f"The {kind} checkpoint {self.step_dir(kind, step)} could not be read "
+                f"({type(err).__name__}: {message[:300]})."
+            ) from None
+        meta = dict(restored["meta"] or {})
+        if "epoch" not in meta:
+            raise CorruptFileError(
+                f"The {kind} checkpoint {self.step_dir(kind, step)} has no meta."
+            )
+        return restored["state"], meta
+
+    def restore_newest(self, target: Any) -> tuple[str, Any, dict] | None:
+        """Restores the newest intact checkpoint, setting damaged ones aside.
+
+        Candidates, newest step first (at equal steps ``latest`` before
+        ``best`` before ``init``): every kept step of every kind. A damaged
+        one is moved to ``checkpoints/corrupt/`` (never deleted) with a
+        warning naming what was wrong, and the next is tried.
+
+        Returns:
+          ``(kind, state, meta)``, or None when no checkpoint is kept.
+
+        Raises:
+          CorruptFileError: checkpoints exist but none is intact.
+        """
+        order = {k: i for i, k in enumerate(("latest", "best", "init"))}
+        candidates = sorted(
+            ((step, kind) for kind in KINDS for step in self.steps(kind)),
+            key=lambda sk: (-sk[0], order[sk[1]]),
         )
-        return restored["state"], dict(restored["meta"])
+        skipped = []
+        for step, kind in candidates:
+            try:
+                state, meta = self.restore(kind, target, step)
+            except CorruptFileError as err:
+                skipped.append(str(err))
+                self._set_aside(kind, step, str(err))
+                continue
+            if skipped:
+                warn(f"Resuming from the {kind} checkpoint of epoch {meta['epoch']} instead.")
+            return kind, state, meta
+        if skipped:
+            raise CorruptFileError(
+                "No intact checkpoint is left to resume from:\n  " + "\n  ".join(skipped)
+            )
+        return None
+
+    def _set_aside(self, kind: str, step: int, reason: str) -> None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        dest = os.path.join(self.directory, CORRUPT_DIR, f"{kind}-{step}-{stamp}")
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(self.step_dir(kind, step), dest)
+        warn(f"{reason} Moved it to {dest} (kept, not deleted).")
+        self._managers[kind].close()
+        self._managers[kind] = self._manager(kind)
 
     def meta(self, kind: str) -> dict | None:
-        """The JSON ``meta`` of the ``kind`` checkpoint without loading arrays."""
+        """The JSON ``meta`` of the newest ``kind`` checkpoint without loading arrays."""
         manager = self._managers[kind]
         step = manager.latest_step()
         if step is None:
@@ -95,13 +245,7 @@ class RunCheckpoints:
         restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
-    def wait(self) -> None:
-        """Blocks until every pending asynchronous save is on disk."""
-        for manager in self._managers.values():
-            manager.wait_until_finished()
-
     def close(self) -> None:
-        """Waits for pending saves and releases the managers."""
+        """Releases the managers (every save has already finished)."""
         for manager in self._managers.values():
-            manager.wait_until_finished()
             manager.close()

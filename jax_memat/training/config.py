@@ -14,16 +14,17 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from jax_memat.attacks import NORMS
-from jax_memat.data import DATASET_NAMES
+from jax_memat.data import DATASET_NAMES, dataset_spec
 from jax_memat.data.corruptions import IMAGE_CORRUPTIONS
 from jax_memat.models import MODEL_NAMES
 from jax_memat.objectives import OBJECTIVE_NAMES, REGULARIZER_OUTPUTS
+from jax_memat.training.errors import ConfigError, WorkdirConflictError
 from jax_memat.training.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES
+from jax_memat.training.workdir import CONFIG_FILE, read_json, write_json
 
 if TYPE_CHECKING:
     import ml_collections
 
-CONFIG_FILE = "config.json"
 # Attacks a training objective can craft its examples with (evaluation has more).
 TRAINING_ATTACKS = ("pgd", "fgsm")
 # Fields that may change between a run and its resumption (they do not affect
@@ -31,12 +32,17 @@ TRAINING_ATTACKS = ("pgd", "fgsm")
 RESUMABLE_FIELDS = ("epochs", "log_every_steps", "progress_bar", "tensorboard")
 
 
-class ConfigError(ValueError):
-    """The config has invalid fields; the message lists each one."""
-
-
-class WorkdirConflictError(RuntimeError):
-    """The workdir holds a run of a different config."""
+# Seeds feed numpy's and JAX's generators; both take unsigned 32-bit values.
+MAX_SEED = 2**32 - 1
+# Split sizes of the fixed datasets, so that a size beyond them is refused
+# before any data is read (synthetic is generated at any size).
+SPLIT_SIZES = {
+    "cifar10": {"train": 50_000, "test": 10_000},
+    "cifar100": {"train": 50_000, "test": 10_000},
+    "svhn": {"train": 73_257, "test": 26_032},
+    "mnist": {"train": 60_000, "test": 10_000},
+    "fashion_mnist": {"train": 60_000, "test": 10_000},
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -188,7 +194,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     try:
         positive_int(c.epochs, "epochs")
         positive_int(c.batch_size, "batch_size")
-        check(_is_int(c.seed) and c.seed >= 0, f"seed={c.seed!r}: use a non-negative integer.")
+        for field, value in (
+            ("seed", c.seed),
+            ("dataset.corruption_seed", c.dataset.corruption_seed),
+        ):
+            check(
+                _is_int(value) and 0 <= value <= MAX_SEED,
+                f"{field}={value!r} is out of range; accepted: an integer in [0, {MAX_SEED}].",
+            )
 
         d = c.dataset
         one_of(d.name, DATASET_NAMES, "dataset.name")
@@ -198,6 +211,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         number(d.label_noise, "dataset.label_noise", 0.0, 1.0)
         one_of(d.image_corruption, IMAGE_CORRUPTIONS, "dataset.image_corruption")
         positive_int(d.crop_padding, "dataset.crop_padding", allow_zero=True)
+        if d.name in DATASET_NAMES:
+            (height, width, _), _ = dataset_spec(d.name)
+            side = min(height, width)
+            check(
+                not _is_int(d.crop_padding) or d.crop_padding <= side,
+                f"dataset.crop_padding={d.crop_padding!r} is larger than the images ({height}x"
+                f"{width}); accepted: an integer in [0, {side}] (the paper uses 4 on 32x32).",
+            )
+        for split, field in (("train", "num_train_examples"), ("test", "num_test_examples")):
+            size = SPLIT_SIZES.get(d.name, {}).get(split)
+            value = d[field]
+            if size is not None and _is_int(value) and value > size:
+                errors.append(
+                    f"dataset.{field}={value!r} exceeds the {size} examples of {d.name}'s {split} "
+                    f"split; accepted: -1 (all) or an integer in [1, {size}]."
+                )
 
         m = c.model
         one_of(m.name, MODEL_NAMES, "model.name")
@@ -278,6 +307,40 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
 
 
+def check_device_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ``ConfigError`` unless each global batch splits evenly over ``num_devices``.
+
+    The message names the field and the accepted sizes nearest to the value.
+    """
+    errors = []
+    for field, value in (
+        ("batch_size", config.batch_size),
+        ("eval.batch_size", config.eval.batch_size),
+    ):
+        message = batch_size_problem(value, num_devices, field)
+        if message:
+            errors.append(message)
+    if errors:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def batch_size_problem(value: int, num_devices: int, field: str) -> str:
+    """Why ``value`` cannot be a global batch over ``num_devices`` (``""`` if it can)."""
+    if _is_int(value) and value > 0 and value % num_devices == 0:
+        return ""
+    if not _is_int(value) or value <= 0:
+        return (
+            f"{field}={value!r} is invalid; accepted: a positive multiple of {num_devices} "
+            "(the device count)."
+        )
+    lower = value - value % num_devices
+    near = [n for n in (lower, lower + num_devices) if n > 0]
+    return (
+        f"{field}={value} does not split over the {num_devices} devices; accepted: a multiple of "
+        f"{num_devices}, e.g. {' or '.join(str(n) for n in near)}."
+    )
+
+
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     """A JSON-compatible dict (tuples become lists)."""
     return json.loads(config.to_json())
@@ -293,6 +356,24 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """Differences between two config dicts.
+
+    Returns:
+      ``(conflicts, resumable)``: lines naming fields that differ and forbid a
+      resume, and the names of differing fields that may change between a run
+      and its resumption (``RESUMABLE_FIELDS``).
+    """
+    saved, current = _flatten(saved), _flatten(current)
+    keys = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    conflicts = [
+        f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
+        for k in keys
+        if k not in RESUMABLE_FIELDS
+    ]
+    return conflicts, [k for k in keys if k in RESUMABLE_FIELDS]
+
+
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Compares ``config`` with the one saved in ``workdir``.
 
@@ -303,18 +384,12 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> boo
     Raises:
       WorkdirConflictError: the workdir holds a run of a different config; the
         message lists the differing fields. Nothing is written.
+      CorruptFileError: the saved ``config.json`` is truncated or invalid.
     """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return False
-    with open(path) as f:
-        saved = _flatten(json.load(f))
-    current = _flatten(config_to_dict(config))
-    diffs = [
-        f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
-        for k in sorted(set(saved) | set(current))
-        if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)
-    ]
+    diffs, _ = config_differences(read_json(path), config_to_dict(config))
     if diffs:
         raise WorkdirConflictError(
             f"The workdir {workdir} holds a run of a different config; refusing to touch it.\n"
@@ -325,6 +400,5 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> boo
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes the resolved config as ``<workdir>/config.json``."""
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+    """Writes the resolved config as ``<workdir>/config.json`` (atomically)."""
+    write_json(os.path.join(workdir, CONFIG_FILE), config_to_dict(config))

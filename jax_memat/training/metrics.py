@@ -9,46 +9,72 @@ from collections.abc import Sequence
 
 from absl import logging
 
-METRICS_FILE = "metrics.jsonl"
+from jax_memat.training.workdir import METRICS_FILE, append_line, atomic_write, read_jsonl, warn
+
 # Wall-clock fields differ between otherwise identical runs; comparisons of
 # runs (resume tests, reproducibility checks) leave them out.
 TIMING_FIELDS = ("epoch_time_s", "examples_per_s", "eval_time_s")
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The rows of ``<workdir>/metrics.jsonl`` (one per epoch), in order."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of ``<workdir>/metrics.jsonl`` (one per epoch), in order.
+
+    A torn last line (a write cut short) is left out; a damaged line before it
+    raises ``CorruptFileError`` naming the line.
+    """
+    return read_jsonl(os.path.join(workdir, METRICS_FILE))[0]
 
 
 class MetricsWriter:
     """Appends one row per epoch to ``metrics.jsonl`` and to TensorBoard.
 
     On resume, rows of epochs after the restored checkpoint (written by the
-    interrupted run) are dropped first, so the file matches an uninterrupted run.
+    interrupted run) and a torn last line are dropped first (the file is then
+    rewritten atomically), so the file matches an uninterrupted run; when
+    nothing is to be dropped the file is not touched. Each row is appended
+    with one write (``append_line``).
     """
 
     def __init__(self, workdir: str, *, resume_epoch: int = 0, tensorboard: bool = True):
         self.path = os.path.join(workdir, METRICS_FILE)
-        rows = [r for r in read_metrics(workdir) if r["epoch"] <= resume_epoch]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        rows, torn = read_jsonl(self.path)
+        keep = [r for r in rows if r.get("epoch", 0) <= resume_epoch]
+        if torn:
+            warn(f"{self.path}: dropped a torn last line (a write was cut short).")
+        if len(keep) < len(rows):
+            warn(
+                f"{self.path}: dropped the rows of epochs after {resume_epoch} (written after the "
+                "checkpoint the run resumes from)."
+            )
+        if torn or len(keep) < len(rows):
+            with atomic_write(self.path) as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+        recorded = {r.get("epoch") for r in keep}
+        missing = [e for e in range(1, resume_epoch + 1) if e not in recorded]
+        if missing:
+            warn(
+                f"{self.path} has no rows for {len(missing)} epoch(s) between {missing[0]} and "
+                f"{missing[-1]}; the run goes on, those rows are missing from this file."
+            )
+        self._tensorboard = tensorboard
+        self._workdir = workdir
         self._tb = None
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                logging.warning("tensorboardX is not installed; TensorBoard logging is off.")
-            else:
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def _open_tensorboard(self) -> None:
+        # Opened at the first row, so that a run that writes no row creates no event file.
+        self._tensorboard = False
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            logging.warning("tensorboardX is not installed; TensorBoard logging is off.")
+        else:
+            self._tb = SummaryWriter(os.path.join(self._workdir, "tensorboard"))
 
     def write(self, row: dict) -> None:
         """Appends ``row`` (must contain ``epoch``); numbers also go to TensorBoard."""
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.path, json.dumps(row))
+        if self._tensorboard:
+            self._open_tensorboard()
         if self._tb is not None:
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, int | float) and math.isfinite(v):

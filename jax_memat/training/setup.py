@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -31,12 +30,11 @@ from jax_memat.objectives import (
     with_temporal_ensembling,
 )
 from jax_memat.training.checkpoints import RunCheckpoints
-from jax_memat.training.config import CONFIG_FILE, validate_config
+from jax_memat.training.config import validate_config
 from jax_memat.training.mesh import make_mesh
 from jax_memat.training.optim import make_optimizer, make_schedule
 from jax_memat.training.state import TrainState, create_train_state
-
-LABELS_FILE = "labels.npz"
+from jax_memat.training.workdir import CONFIG_FILE, LABELS_FILE, read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,16 +81,21 @@ def load_data(config) -> tuple[Dataset, Dataset, dict]:
     return train, test, record
 
 
-def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
-    """Builds model, optimizer, objective and initial state from a validated config."""
-    module = get_model(
+def model_from_config(config, num_classes: int) -> nn.Module:
+    """The Flax model a validated config names (nothing is initialized)."""
+    return get_model(
         config.model.name,
-        train.num_classes,
+        num_classes,
         depth=config.model.depth,
         width=config.model.width,
         dtype=config.model.dtype,
         cnn_width=config.model.cnn_width,
     )
+
+
+def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
+    """Builds model, optimizer, objective and initial state from a validated config."""
+    module = model_from_config(config, train.num_classes)
     apply_fn = make_apply_fn(module)
     spe = steps_per_epoch(train.num_examples, config.batch_size)
     schedule = make_schedule(
@@ -208,8 +211,7 @@ def load_run(
             f"checkpoint={checkpoint!r} is not accepted; use best, final, latest, init or a "
             "step number."
         )
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(read_json(path))
     validate_config(config)
     mesh = make_mesh(devices)
     train, test, record = load_data(config)
