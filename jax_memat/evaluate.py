@@ -7,19 +7,21 @@
 The threat model (norm, eps, step size) defaults to the run's training attack
 and can be overridden. Results go to ``<workdir>/eval/<checkpoint>_<attack>_<split>.json``
 (or ``--output``); ``--save_adversarial`` also writes the adversarial inputs
-as ``.npz``. Exit code 2 with a message on bad input.
+as ``.npz``. Every argument, the checkpoint's presence and the output's folder
+are checked before the checkpoint is restored or anything compiles. Exit
+codes: 0 done, 2 bad argument, 3 workdir problem (no run, no such checkpoint,
+a damaged checkpoint, output not writable), 4 dataset not found, 5 out of
+memory or disk, 130/143 stopped by SIGINT/SIGTERM; ``--debug`` shows tracebacks.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import app, flags, logging  # noqa: E402
+from jax_memat import cli
 
 ATTACKS = ("pgd", "cw", "autoattack")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
@@ -40,8 +42,95 @@ _SAVE_ADV = flags.DEFINE_bool("save_adversarial", False, "Also save adversarial 
 flags.mark_flags_as_required(["workdir"])
 
 
+CHECKPOINT_NAMES = ("best", "final", "latest", "init")
+
+
 def _checkpoint_arg(value: str) -> str | int:
     return int(value) if value.isdigit() else value
+
+
+def check_arguments(
+    workdir: str,
+    *,
+    checkpoint: str | int,
+    attack: str,
+    split: str,
+    norm: str | None,
+    eps: float | None,
+    step_size: float | None,
+    steps: int,
+    num_examples: int,
+    batch_size: int,
+    seed: int,
+) -> None:
+    """Checks every argument and that the workdir holds the checkpoint, reading no arrays.
+
+    Raises:
+      ConfigError: a bad argument (all problems listed at once).
+      WorkdirError: no run in ``workdir``, or no such kept checkpoint.
+    """
+    import jax
+
+    from jax_memat.training.config import MAX_SEED, batch_size_problem, threat_model_problems
+    from jax_memat.training.errors import ConfigError, WorkdirError
+    from jax_memat.training.workdir import CONFIG_FILE, read_json, survey_workdir
+
+    problems = []
+    if attack not in ATTACKS:
+        problems.append(f"attack={attack!r} is not accepted; use one of {ATTACKS}.")
+    if split not in ("test", "train"):
+        problems.append(f"split={split!r} is not accepted; use 'test' or 'train'.")
+    if isinstance(checkpoint, str) and checkpoint not in CHECKPOINT_NAMES:
+        problems.append(
+            f"checkpoint={checkpoint!r} is not accepted; use one of {CHECKPOINT_NAMES} or the "
+            "step number of a kept checkpoint."
+        )
+    if attack != "autoattack" and (not isinstance(steps, int) or steps < 1):
+        problems.append(f"steps={steps!r} is invalid; accepted: a positive integer.")
+    if num_examples != -1 and (not isinstance(num_examples, int) or num_examples < 1):
+        problems.append(f"num_examples={num_examples!r} is invalid; accepted: -1 (all) or >= 1.")
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        problems.append(f"seed={seed!r} is out of range; accepted: an integer in [0, {MAX_SEED}].")
+    problem = batch_size_problem(batch_size, jax.device_count(), "batch_size")
+    if problem:
+        problems.append(problem)
+    if os.path.isdir(workdir) and os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+        saved = read_json(os.path.join(workdir, CONFIG_FILE)).get("attack", {})
+        problems.extend(
+            threat_model_problems(
+                norm or saved.get("norm"),
+                saved.get("eps") if eps is None else eps,
+                (saved.get("step_size") if step_size is None else step_size)
+                if attack != "autoattack"
+                else 1.0,  # AutoAttack sets its own step sizes
+            )
+        )
+    if problems:
+        raise ConfigError("Invalid arguments:\n  - " + "\n  - ".join(problems))
+    if not os.path.isdir(workdir) or not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+        raise WorkdirError(f"{workdir} holds no training run ({CONFIG_FILE} is missing).")
+    kept = survey_workdir(workdir).checkpoint_steps
+    kind = {"final": "latest"}.get(checkpoint, checkpoint)
+    found = (
+        any(checkpoint in steps for steps in kept.values())
+        if isinstance(checkpoint, int)
+        else bool(kept.get(kind))
+    )
+    if not found:
+        listing = ", ".join(f"{k}: steps {v}" for k, v in kept.items()) or "none"
+        raise WorkdirError(
+            f"{workdir} keeps no {checkpoint!r} checkpoint; kept checkpoints: {listing}."
+        )
+
+
+def check_output(path: str) -> None:
+    """Raises ``WorkdirError`` unless ``path`` can be written (checked before the evaluation)."""
+    from jax_memat.training.errors import WorkdirError
+    from jax_memat.training.workdir import check_workdir_path
+
+    if os.path.isdir(path):
+        raise WorkdirError(f"The output {path} is a folder; give a file name (.json).")
+    check_workdir_path(os.path.dirname(os.path.abspath(path)))
 
 
 def run_evaluation(
@@ -71,9 +160,23 @@ def run_evaluation(
 
     from jax_memat.attacks import AttackSpec
     from jax_memat.training import evaluate, load_run, make_eval_fn, replicate
+    from jax_memat.training.workdir import save_npz
 
-    if attack not in ATTACKS:
-        raise ValueError(f"attack={attack!r} is not accepted; use one of {ATTACKS}.")
+    check_arguments(
+        workdir,
+        checkpoint=checkpoint,
+        attack=attack,
+        split=split,
+        norm=norm,
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        num_examples=num_examples,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    if save_adversarial:
+        check_output(save_adversarial)
     run = load_run(workdir, checkpoint)
     a = run.config.attack
     norm = norm or a.norm
@@ -155,39 +258,35 @@ def run_evaluation(
         arrays = {"robust": np.asarray(robust), "index": np.arange(n)}
         if x_adv is not None:
             arrays["x_adv"] = np.asarray(x_adv)
-        np.savez_compressed(save_adversarial, **arrays)
+        save_npz(save_adversarial, **arrays)
     return result
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+        cli.fail(f"unexpected arguments: {argv[1:]} (flags are written --name=value).", 2)
+    from jax_memat.training.workdir import write_json
+
     checkpoint = _checkpoint_arg(_CHECKPOINT.value)
     name = f"{checkpoint}_{_ATTACK.value}_{_SPLIT.value}"
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval", name + ".json")
-    try:
-        result = run_evaluation(
-            _WORKDIR.value,
-            checkpoint=checkpoint,
-            attack=_ATTACK.value,
-            split=_SPLIT.value,
-            norm=_NORM.value,
-            eps=_EPS.value,
-            step_size=_STEP_SIZE.value,
-            steps=_STEPS.value,
-            num_examples=_NUM.value,
-            batch_size=_BATCH.value,
-            seed=_SEED.value,
-            save_adversarial=output.removesuffix(".json") + ".npz" if _SAVE_ADV.value else None,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    check_output(output)
+    result = run_evaluation(
+        _WORKDIR.value,
+        checkpoint=checkpoint,
+        attack=_ATTACK.value,
+        split=_SPLIT.value,
+        norm=_NORM.value,
+        eps=_EPS.value,
+        step_size=_STEP_SIZE.value,
+        steps=_STEPS.value,
+        num_examples=_NUM.value,
+        batch_size=_BATCH.value,
+        seed=_SEED.value,
+        save_adversarial=output.removesuffix(".json") + ".npz" if _SAVE_ADV.value else None,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(output, result)
     print(
         f"{result['attack']} on {result['split']} ({result['num_examples']} examples, checkpoint "
         f"{checkpoint}, epoch {result['epoch']}): natural {100 * result['natural_accuracy']:.2f}%"
@@ -197,4 +296,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -5,16 +5,17 @@
       --workdir=workdirs/te_c10 --config.epochs=5
 
 Any config field can be overridden as ``--config.FIELD=VALUE``. Running again
-with the same workdir resumes from its latest checkpoint.
+with the same workdir resumes from its latest checkpoint; a finished run is
+left as it is. SIGINT (Ctrl-C) or SIGTERM stops the run keeping the last
+finished epoch. Exit codes: 0 done, 2 bad config or flags, 3 workdir problem,
+4 dataset not found, 5 too little memory or disk, 6 NaN/Inf loss, 130/143
+stopped by SIGINT/SIGTERM, 1 unexpected error; ``--debug`` shows tracebacks.
 """
 
-import os
-import sys
+from absl import flags
+from ml_collections import config_flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from jax_memat import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:argument]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (resumes if it holds this run).")
@@ -23,21 +24,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments: {argv[1:]} (flags are written --name=value).", 2)
     import jax
 
     from jax_memat.training import train_and_evaluate
-    from jax_memat.training.config import ConfigError, WorkdirConflictError
 
-    if not flags.FLAGS["verbosity"].present:
-        # Orbax and absl are chatty at INFO; progress goes to the bar instead.
-        logging.set_verbosity(logging.WARNING)
     print(f"Devices: {jax.devices()}", flush=True)
-    try:
-        report = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, WorkdirConflictError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    report = train_and_evaluate(_CONFIG.value, _WORKDIR.value, handle_signals=True)
     for name in ("best", "final"):
         r = report[name]
         line = f"{name:5s} (epoch {r['epoch']}): "
@@ -51,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -190,7 +190,7 @@ def _snapshot(path):
         ("attack.norm", "l1", "attack.norm='l1' is not accepted"),
         ("attack.name", "apgd", "attack.name='apgd' is not accepted"),
         ("attack.name", "fgsm", "attack.name='fgsm' takes exactly 1 step"),
-        ("attack.eps", 2.0, r"attack.eps=2.0 is out of range; accepted: a number in \[0.0, 1.0\]"),
+        ("attack.eps", 2.0, r"attack.eps=2.0 is out of range; accepted under L-inf: a number in \[0, 1\]"),
         ("attack.step_size", 0.0, "attack.step_size=0.0 is out of range"),
         ("dataset.label_noise", 1.5, "dataset.label_noise=1.5 is out of range"),
         (

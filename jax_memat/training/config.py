@@ -262,15 +262,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             check(
                 a.steps == 1, f"attack.steps={a.steps!r}: attack.name='fgsm' takes exactly 1 step."
             )
-        one_of(a.norm, NORMS, "attack.norm")
-        number(
-            a.eps,
-            "attack.eps",
-            0.0,
-            1.0 if a.norm == "linf" else math.inf,
-            hi_open=a.norm != "linf",
-        )
-        number(a.step_size, "attack.step_size", 0.0, math.inf, lo_open=True, hi_open=True)
+        errors.extend(threat_model_problems(a.norm, a.eps, a.step_size, prefix="attack."))
         positive_int(a.steps, "attack.steps", allow_zero=True)
 
         o = c.optimizer
@@ -305,6 +297,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def threat_model_problems(norm: Any, eps: Any, step_size: Any, prefix: str = "") -> list[str]:
+    """What is wrong with a threat model (norm, radius, step size); [] when nothing.
+
+    The rule, used by config validation and by ``python -m jax_memat.evaluate``:
+    ``norm`` is ``linf`` or ``l2``; under L-inf, images live in [0, 1] so
+    ``eps`` is in [0, 1]; under L2 it is any finite non-negative number; the
+    step size is a finite positive number.
+    """
+
+    def is_number(x: Any) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+    problems = []
+    if norm not in NORMS:
+        problems.append(f"{prefix}norm={norm!r} is not accepted; use one of {NORMS}.")
+    if norm == "linf" and not (is_number(eps) and 0 <= eps <= 1):
+        problems.append(
+            f"{prefix}eps={eps!r} is out of range; accepted under L-inf: a number in [0, 1] "
+            "(images are in [0, 1]; the paper uses 8/255 = 0.0314)."
+        )
+    elif norm != "linf" and not (is_number(eps) and eps >= 0):
+        problems.append(f"{prefix}eps={eps!r} is out of range; accepted: a number >= 0.")
+    if not (is_number(step_size) and step_size > 0):
+        problems.append(f"{prefix}step_size={step_size!r} is out of range; accepted: a number > 0.")
+    return problems
 
 
 def check_device_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:

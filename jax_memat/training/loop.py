@@ -295,7 +295,7 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard) -> dict:
         _print(f"Resumed {workdir} at epoch {start_epoch} (step {int(state.step)}).")
     if ckpts.latest_step("init") is None:
         with guard.critical():
-            ckpts.save("init", state, {"epoch": 0})
+            _save(ckpts, "init", state, {"epoch": 0})
     writer = MetricsWriter(workdir, resume_epoch=start_epoch, tensorboard=config.tensorboard)
 
     step_fn = make_train_step(setup.loss_fn, setup.tx, mesh)
@@ -443,10 +443,11 @@ def _save(ckpts: RunCheckpoints, kind: str, state, meta: dict) -> None:
         lowered = text.lower()
         full = any(s in lowered for s in ("no space", "file too large", "quota", "enospc"))
         cls = ResourceError if full else WorkdirError
-        kept = meta["epoch"] - 1
+        epoch = meta["epoch"]
+        kept = f"The last finished epoch before it ({epoch - 1}) is kept; " if epoch else ""
         raise cls(
-            f"Saving the {kind} checkpoint of epoch {meta['epoch']} in {ckpts.directory} failed "
-            f"({text[:300]}). The last finished epoch before it ({kept}) is kept; "
+            f"Saving the {kind} checkpoint of epoch {epoch} in {ckpts.directory} failed "
+            f"({text[:300]}). {kept}"
             + ("free some disk space and " if full else "")
             + "run the same command to resume."
         ) from None
