@@ -190,13 +190,18 @@ def _snapshot(path):
         ("attack.norm", "l1", "attack.norm='l1' is not accepted"),
         ("attack.name", "apgd", "attack.name='apgd' is not accepted"),
         ("attack.name", "fgsm", "attack.name='fgsm' takes exactly 1 step"),
-        ("attack.eps", 2.0, r"attack.eps=2.0 is out of range; accepted under L-inf: a number in \[0, 1\]"),
+        (
+            "attack.eps",
+            2.0,
+            r"attack.eps=2.0 is out of range; accepted under L-inf: a number in \[0, 1\]",
+        ),
         ("attack.step_size", 0.0, "attack.step_size=0.0 is out of range"),
         ("dataset.label_noise", 1.5, "dataset.label_noise=1.5 is out of range"),
         (
             "batch_size",
             12,
-            "batch_size=12 does not split over the 8 devices; accepted: a multiple of 8, e.g. 8 or 16",
+            "batch_size=12 does not split over the 8 devices; accepted: a multiple of 8, e.g. 8 "
+            "or 16",
         ),
     ],
 )
@@ -290,10 +295,12 @@ def test_cli_end_to_end(tmp_path):
         saved = json.load(f)
     assert saved["model"]["name"] == "small_cnn" and saved["epochs"] == 2
     assert [r["epoch"] for r in read_metrics(workdir)] == [1, 2]
-    # Running it again resumes: nothing left to train, the report is rewritten.
+    # Running it again finds the run finished: nothing is rewritten.
+    before = _snapshot(workdir)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [r["epoch"] for r in read_metrics(workdir)] == [1, 2]
+    assert "has finished all 2 epochs; nothing to do" in proc.stdout
+    assert _snapshot(workdir) == before
     # A bad field fails with exit code 2 and a clear message, before compiling.
     bad = [*cmd[: -len(overrides)], "--config.model.name=resnet50"]
     proc = subprocess.run(bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -132,13 +132,16 @@ def plan_workdir(config, workdir: str) -> WorkdirPlan:
             "  Use a new --workdir, or the saved config to resume."
         )
     steps = survey.checkpoint_steps
-    if not steps.get("latest") and (
+    if "latest" not in survey.checkpoint_kinds and (
         survey.last_metrics_epoch > 0 or steps.get("best") or survey.report is not None
     ):
+        # The folder is made when a run starts: gone means removed by hand, not a fault
+        # (a save cut short leaves it empty, and the run resumes from the newest intact one).
         raise WorkdirConflictError(
             f"The workdir {workdir} has no checkpoints/latest to resume from, but holds "
-            f"{describe_run_files(survey)}. Refusing to restart from epoch 1 over them: put "
-            "checkpoints/latest back, or use another --workdir. Nothing was written."
+            f"{describe_run_files(survey)}. Refusing to restart from an earlier checkpoint "
+            "over them: put checkpoints/latest back, or use another --workdir. Nothing was "
+            "written."
         )
     finished = (
         survey.report is not None
@@ -285,6 +288,11 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard) -> dict:
     if restored is not None:
         kind, state, meta = restored
         start_epoch = int(meta["epoch"])
+        if kind != "latest" and not ckpts.steps("latest"):
+            warn(
+                f"{ckpts.directory}/latest holds no finished checkpoint (a save was cut short); "
+                f"resuming from the {kind} checkpoint of epoch {start_epoch}."
+            )
         if start_epoch > config.epochs:
             ckpts.close()
             raise WorkdirConflictError(
@@ -331,7 +339,7 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard) -> dict:
         disable=not config.progress_bar,
         dynamic_ncols=True,
     )
-    epoch = start_epoch
+    epoch = saved_epoch = start_epoch
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             t0 = time.perf_counter()
@@ -406,6 +414,7 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard) -> dict:
                         best = {"epoch": epoch, "score": list(score)}
                         _save(ckpts, "best", state, {"epoch": epoch, "metrics": row, "best": best})
                 _save(ckpts, "latest", state, {"epoch": epoch, "metrics": row, "best": best})
+                saved_epoch = epoch
             bar.write(_summary_line(row))
         bar.close()
         report = _final_report(config, ckpts, state, apply_fn, mesh, eval_key, splits)
@@ -413,12 +422,18 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard) -> dict:
             write_json(os.path.join(workdir, REPORT_FILE), report)
             _plot(config, workdir)
     except RunInterrupted as err:
-        done = epoch - 1 if epoch <= config.epochs else config.epochs
-        raise RunInterrupted(
-            err.signum,
-            f"Stopped by {signal_name(err.signum)} during epoch {epoch}. The last finished epoch "
-            f"({done}) is saved in {workdir}; run the same command to resume.",
-        ) from None
+        name = signal_name(err.signum)
+        if saved_epoch == config.epochs:
+            text = (
+                f"Stopped by {name} during the final report; all {saved_epoch} epochs are saved in "
+                f"{workdir}. Run the same command to write the report."
+            )
+        else:
+            text = (
+                f"Stopped by {name} during epoch {saved_epoch + 1}. The last finished epoch "
+                f"({saved_epoch}) is saved in {workdir}; run the same command to resume."
+            )
+        raise RunInterrupted(err.signum, text) from None
     finally:
         bar.close()
         writer.close()

@@ -53,6 +53,9 @@ RUN_FILES = (
     CHECKPOINTS_DIR,
     PER_EXAMPLE_DIR,
 )
+# The process's umask (read once: setting it is the only way to read it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 # Orbax names a finished step folder by its number alone.
 _STEP_DIR = re.compile(r"^\d+$")
 
@@ -81,6 +84,7 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[io.IOBase]:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from co-workers
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -267,6 +271,9 @@ class WorkdirSurvey:
       checkpoint_steps: ``{kind: [steps]}`` of the step folders under
         ``checkpoints/`` (finished saves only; orbax's temporary folders of
         interrupted saves are not counted).
+      checkpoint_kinds: the folders under ``checkpoints/`` (a run creates
+        ``init``, ``latest`` and ``best`` when it starts, so a missing one was
+        removed by hand, while an empty one was cut short by a fault).
       metrics_rows: the rows of ``metrics.jsonl`` (a torn last line dropped).
       metrics_torn: whether a torn last line was dropped.
       report: ``final_report.json`` as a dict, or None.
@@ -277,6 +284,7 @@ class WorkdirSurvey:
     run_files: tuple[str, ...]
     config: dict | None
     checkpoint_steps: dict[str, list[int]]
+    checkpoint_kinds: tuple[str, ...]
     metrics_rows: list[dict]
     metrics_torn: bool
     report: dict | None
@@ -325,7 +333,7 @@ def survey_workdir(workdir: str) -> WorkdirSurvey:
     """
     check_workdir_path(workdir)
     if not os.path.isdir(workdir):
-        return WorkdirSurvey(workdir, False, (), None, {}, [], False, None)
+        return WorkdirSurvey(workdir, False, (), None, {}, (), [], False, None)
     present = []
     for name in RUN_FILES:
         p = os.path.join(workdir, name)
@@ -334,18 +342,22 @@ def survey_workdir(workdir: str) -> WorkdirSurvey:
     config_path = os.path.join(workdir, CONFIG_FILE)
     config = read_json(config_path) if CONFIG_FILE in present else None
     steps: dict[str, list[int]] = {}
+    kinds = []
     ckpt_dir = os.path.join(workdir, CHECKPOINTS_DIR)
     if os.path.isdir(ckpt_dir):
         for kind in sorted(os.listdir(ckpt_dir)):
             kind_dir = os.path.join(ckpt_dir, kind)
             if os.path.isdir(kind_dir):
+                kinds.append(kind)
                 found = sorted(int(s) for s in os.listdir(kind_dir) if _STEP_DIR.match(s))
                 if found:
                     steps[kind] = found
     rows, torn = read_jsonl(os.path.join(workdir, METRICS_FILE))
     report_path = os.path.join(workdir, REPORT_FILE)
     report = read_json(report_path) if REPORT_FILE in present else None
-    return WorkdirSurvey(workdir, True, tuple(present), config, steps, rows, torn, report)
+    return WorkdirSurvey(
+        workdir, True, tuple(present), config, steps, tuple(kinds), rows, torn, report
+    )
 
 
 def describe_run_files(survey: WorkdirSurvey) -> str:
