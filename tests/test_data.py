@@ -51,7 +51,7 @@ def no_default_dirs(monkeypatch, tmp_path):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     for name in ("mnist", "fashion_mnist"):
         hidden = dataclasses.replace(
-            sources._SOURCES[name], idx_system_dirs=(str(tmp_path / "no-system-dir"),)
+            sources._SOURCES[name], system_dirs=(str(tmp_path / "no-system-dir"),)
         )
         monkeypatch.setitem(sources._SOURCES, name, hidden)
 
@@ -176,7 +176,7 @@ def test_tfds_failure_becomes_dataset_not_found(tmp_path, monkeypatch):
     with pytest.raises(data.DatasetNotFoundError) as info:
         data.load_dataset("cifar10", "train", data_dir=str(tmp_path))
     message = str(info.value)
-    assert "cifar10" in message and str(tmp_path) in message and "tfds build" in message
+    assert "cifar10" in message and str(tmp_path) in message and "download_and_prepare" in message
     assert "could not find data" in message
     assert info.value.__suppress_context__  # No deep tfds traceback attached.
 
@@ -192,7 +192,7 @@ def test_works_without_tensorflow(tmp_path):
         assert data.load_dataset("synthetic", "train").num_examples == 512
         assert data.load_dataset("mnist", "train", data_dir={str(tmp_path)!r}).num_examples == 6
         try:
-            data.load_dataset("cifar10", "train")
+            data.load_dataset("cifar10", "train", source="tfds")
         except ImportError as e:
             assert "pip install" in str(e), e
         else:
@@ -213,12 +213,12 @@ def test_bad_arguments_are_rejected_before_any_io(monkeypatch):
         raise AssertionError("I/O attempted before validation")
 
     monkeypatch.setattr(sources, "_load_tfds", no_io)
-    monkeypatch.setattr(sources, "_load_idx", no_io)
+    monkeypatch.setattr(sources, "_load_files", no_io)
     with pytest.raises(ValueError, match="'cifar10', 'cifar100', 'svhn'"):
         data.load_dataset("imagenet", "train")
     with pytest.raises(ValueError, match="'train', 'test'"):
         data.load_dataset("cifar10", "validation")
-    with pytest.raises(ValueError, match="'auto', 'tfds', 'idx'"):
+    with pytest.raises(ValueError, match="'auto', 'files', 'tfds', 'idx'"):
         data.load_dataset("mnist", "train", source="http")
     with pytest.raises(ValueError, match="only for mnist and fashion_mnist"):
         data.load_dataset("cifar10", "train", source="idx")

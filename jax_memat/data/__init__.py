@@ -1,9 +1,11 @@
 """Datasets, corruptions and on-device batches with example indices.
 
 - ``load_dataset`` reads a split into a ``Dataset`` of uint8 images and int32
-  labels (tfds for CIFAR-10/100 and SVHN, the original IDX files or tfds for
-  MNIST and Fashion-MNIST, or a generated ``synthetic`` dataset). Row ``i`` is
-  the example with index ``i``.
+  labels, with a description of where it was read (``Dataset.source``): from
+  the official files (CIFAR-10/100's binary version, SVHN's .mat files, MNIST
+  and Fashion-MNIST's IDX files; no TensorFlow needed), through
+  tensorflow-datasets (the ``tfds`` extra), or a generated ``synthetic``
+  dataset. Row ``i`` is the example with index ``i``. See docs/datasets.md.
 - ``apply_corruptions`` adds symmetric label noise and an image corruption of
   the random-label study, and returns the record of labels to save.
 - ``train_batch_indices`` / ``eval_batches`` plan the batches of an epoch on the
@@ -22,6 +24,7 @@ Example:
   ((128, 8, 8, 1), (4, 128))
 """
 
+from jax_memat.data.cifar import read_cifar_binary
 from jax_memat.data.corruptions import (
     IMAGE_CORRUPTIONS,
     apply_corruptions,
@@ -43,10 +46,12 @@ from jax_memat.data.sources import (
     DATASET_NAMES,
     SOURCES,
     SPLITS,
+    TFDS_INSTALL,
     dataset_spec,
     load_dataset,
     validate_dataset_name,
 )
+from jax_memat.data.svhn import read_svhn_mat
 from jax_memat.data.synthetic import make_synthetic
 
 __all__ = [
@@ -55,6 +60,7 @@ __all__ = [
     "IMAGE_CORRUPTIONS",
     "SOURCES",
     "SPLITS",
+    "TFDS_INSTALL",
     "Dataset",
     "DatasetNotFoundError",
     "apply_corruptions",
@@ -67,7 +73,9 @@ __all__ = [
     "load_dataset",
     "make_batch",
     "make_synthetic",
+    "read_cifar_binary",
     "read_idx",
+    "read_svhn_mat",
     "steps_per_epoch",
     "train_batch_indices",
     "validate_dataset_name",

@@ -34,18 +34,22 @@ class Dataset:
       labels: int32 array [N], values in [0, num_classes).
       num_classes: number of classes K.
       name: the dataset's name, e.g. ``"cifar10"``.
+      source: where the examples were read from, for logs and reports, e.g.
+        ``"cifar10 test: 10000 examples from data/cifar10/cifar-10-batches-bin
+        (CIFAR-10 binary version, rows in file order)"``; empty when unknown.
 
     Example:
       >>> import numpy as np
       >>> ds = Dataset(np.zeros((4, 8, 8, 1), np.uint8), np.arange(4, dtype=np.int32), 10, "toy")
-      >>> ds.num_examples, ds.image_shape
-      (4, (8, 8, 1))
+      >>> ds.num_examples, ds.image_shape, ds.source
+      (4, (8, 8, 1), '')
     """
 
     images: np.ndarray
     labels: np.ndarray
     num_classes: int
     name: str
+    source: str = ""
 
     def __post_init__(self) -> None:
         images, labels = self.images, self.labels
@@ -79,6 +83,8 @@ class Dataset:
             )
         if not isinstance(self.name, str):
             raise ValueError(f"Dataset.name must be a str; got {self.name!r}.")
+        if not isinstance(self.source, str):
+            raise ValueError(f"Dataset.source must be a str; got {self.source!r}.")
 
     @property
     def num_examples(self) -> int:

@@ -1,8 +1,9 @@
-"""Loading datasets from tfds, from local IDX files, or generating them.
+"""Loading datasets from their official files, from tfds, or generating them.
 
 TensorFlow and tensorflow_datasets are imported only inside ``_load_tfds``:
-the library runs without them for the IDX files and the synthetic dataset,
-and TensorFlow is kept off the accelerators when it is imported.
+the library runs without them (``pip install jax_memat`` without the ``tfds``
+extra) for the official files and the synthetic dataset, and TensorFlow is
+kept off the accelerators when it is imported.
 """
 
 from __future__ import annotations
@@ -12,17 +13,23 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 
-from jax_memat.data import _random
+from jax_memat.data import _random, cifar, svhn
 from jax_memat.data.dataset import Dataset, DatasetNotFoundError
 from jax_memat.data.idx import read_idx
 from jax_memat.data.synthetic import make_synthetic
 
 DATASET_NAMES = ("cifar10", "cifar100", "svhn", "mnist", "fashion_mnist", "synthetic")
 SPLITS = ("train", "test")
-SOURCES = ("auto", "tfds", "idx")
-# Environment variable naming a folder with IDX files (or with one sub-folder per dataset).
+# "files": the official distribution files (CIFAR binary version, SVHN .mat,
+# MNIST-like IDX); "idx" is its former name, kept for MNIST and Fashion-MNIST.
+SOURCES = ("auto", "files", "tfds", "idx")
+# Environment variable naming a folder with the official files (or with one
+# sub-folder per dataset).
 DATA_DIR_ENV = "JAX_MEMAT_DATA_DIR"
+# What to install for the tfds sources (the `tfds` extra of pyproject.toml).
+TFDS_INSTALL = "pip install 'jax_memat[tfds]'"
 
 _SYNTHETIC_IMAGE_SHAPE = (8, 8, 1)
 _SYNTHETIC_NUM_CLASSES = 10
@@ -44,33 +51,61 @@ class _Source:
     image_shape: tuple[int, int, int]
     num_classes: int
     tfds_name: str | None = None
-    # IDX datasets: sub-folder names tried under data_dir / $JAX_MEMAT_DATA_DIR,
-    # system folders tried last, and where to get the files.
-    idx_subdirs: tuple[str, ...] = ()
-    idx_system_dirs: tuple[str, ...] = ()
-    idx_help: str = ""
+    # Official files: their format ("idx", "cifar", "svhn"; "" for none), the
+    # sub-folder names tried under data_dir / $JAX_MEMAT_DATA_DIR, system
+    # folders tried last, and where to get the files.
+    file_format: str = ""
+    subdirs: tuple[str, ...] = ()
+    system_dirs: tuple[str, ...] = ()
+    files_help: str = ""
 
 
 _SOURCES = {
-    "cifar10": _Source((32, 32, 3), 10, tfds_name="cifar10"),
-    "cifar100": _Source((32, 32, 3), 100, tfds_name="cifar100"),
-    "svhn": _Source((32, 32, 3), 10, tfds_name="svhn_cropped"),
+    "cifar10": _Source(
+        (32, 32, 3),
+        10,
+        tfds_name="cifar10",
+        file_format="cifar",
+        subdirs=("cifar10", "cifar-10"),
+        files_help=f"download the binary version, {cifar.LAYOUTS['cifar10'].url}",
+    ),
+    "cifar100": _Source(
+        (32, 32, 3),
+        100,
+        tfds_name="cifar100",
+        file_format="cifar",
+        subdirs=("cifar100", "cifar-100"),
+        files_help=f"download the binary version, {cifar.LAYOUTS['cifar100'].url}",
+    ),
+    "svhn": _Source(
+        (32, 32, 3),
+        10,
+        tfds_name="svhn_cropped",
+        file_format="svhn",
+        subdirs=("svhn", "svhn_cropped"),
+        files_help=(
+            f"download {svhn.URL}train_32x32.mat and {svhn.URL}test_32x32.mat "
+            "(the cropped digits, format 2)"
+        ),
+    ),
     "mnist": _Source(
         (28, 28, 1),
         10,
         tfds_name="mnist",
-        idx_subdirs=("mnist",),
-        idx_system_dirs=("/usr/share/datasets/mnist",),
-        idx_help="download them from https://storage.googleapis.com/cvdf-datasets/mnist/",
+        file_format="idx",
+        subdirs=("mnist",),
+        system_dirs=("/usr/share/datasets/mnist",),
+        files_help="download them from https://storage.googleapis.com/cvdf-datasets/mnist/",
     ),
     "fashion_mnist": _Source(
         (28, 28, 1),
         10,
         tfds_name="fashion_mnist",
-        idx_subdirs=("fashion_mnist", "fashion-mnist"),
+        file_format="idx",
+        subdirs=("fashion_mnist", "fashion-mnist"),
         # Never /usr/share/datasets/mnist: the file names are the same as MNIST's.
-        idx_system_dirs=("/usr/share/datasets/fashion-mnist",),
-        idx_help=(
+        system_dirs=("/usr/share/datasets/fashion-mnist",),
+        files_help=(
             "install the Debian package dataset-fashion-mnist (files in "
             "/usr/share/datasets/fashion-mnist) or download them from "
             "https://github.com/zalandoresearch/fashion-mnist"
@@ -151,7 +186,7 @@ def load_dataset(
     name: str,
     split: str,
     *,
-    data_dir: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
     source: str = "auto",
     num_examples: int | None = None,
     seed: int = 0,
@@ -160,33 +195,45 @@ def load_dataset(
 ) -> Dataset:
     """Loads one split of a dataset into host memory.
 
-    Sources by name:
+    Sources (``source``):
 
-    - ``cifar10``, ``cifar100``, ``svhn``: tfds (``cifar10``, ``cifar100``,
-      ``svhn_cropped``), read from ``data_dir`` (tfds' default,
-      ``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``, when None); tfds
-      downloads the data there when it is missing and the network allows.
-    - ``mnist``, ``fashion_mnist``: with ``source="idx"`` the original IDX files
-      (``train-images-idx3-ubyte[.gz]`` etc.) from the first folder that has
-      them among ``data_dir``, ``$JAX_MEMAT_DATA_DIR`` (for each of these two:
-      first its sub-folder named after the dataset, ``mnist`` or
-      ``fashion_mnist``/``fashion-mnist``, then the folder itself), then
-      ``/usr/share/datasets/fashion-mnist`` (Fashion-MNIST) or
-      ``/usr/share/datasets/mnist`` (MNIST); ``source="tfds"`` uses tfds;
-      ``source="auto"`` tries the IDX files first, then tfds.
-    - ``synthetic``: generated from ``seed`` by ``make_synthetic``: class
+    - ``"files"``: the official distribution files, read without TensorFlow:
+      CIFAR-10/100's binary version (``cifar-10-binary.tar.gz`` /
+      ``cifar-100-binary.tar.gz``, or the extracted ``cifar-10-batches-bin/`` /
+      ``cifar-100-binary/``), SVHN's ``train_32x32.mat`` / ``test_32x32.mat``,
+      MNIST-like IDX files (``train-images-idx3-ubyte[.gz]`` etc.). They are
+      looked for in ``data_dir`` if given (its sub-folder named after the
+      dataset, e.g. ``cifar10/``, then the folder itself), and nowhere else;
+      otherwise in ``$JAX_MEMAT_DATA_DIR`` (the same way), then, for
+      Fashion-MNIST and MNIST, in ``/usr/share/datasets/fashion-mnist`` or
+      ``/usr/share/datasets/mnist``. The python (pickle) version of CIFAR is
+      refused. ``"idx"`` is the former name of ``"files"``, for MNIST and
+      Fashion-MNIST only.
+    - ``"tfds"``: tensorflow-datasets (``cifar10``, ``cifar100``,
+      ``svhn_cropped``, ``mnist``, ``fashion_mnist``) in ``data_dir`` (tfds'
+      default, ``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``, when None); tfds
+      downloads and prepares the data there when it is missing and the network
+      allows. Needs the ``tfds`` extra (``pip install 'jax_memat[tfds]'``).
+    - ``"auto"``: the official files first, then tfds.
+    - ``synthetic`` is generated from ``seed`` by ``make_synthetic`` (class
       templates shared by both splits plus per-split noise; 512 training and
-      256 test examples unless ``num_examples`` says otherwise.
+      256 test examples unless ``num_examples`` says otherwise) and accepts
+      only ``"auto"``.
 
     Row ``i`` of the result is the example with index ``i``; the order is the
-    source's own and never depends on ``seed``.
+    source's own and never depends on ``seed``. From the official files it is
+    the files' order (CIFAR-10's training set: ``data_batch_1.bin`` to
+    ``data_batch_5.bin``); tfds stores examples in another fixed order (a
+    permutation of the files' order by hashed example key), so the two sources
+    give the same examples in different rows. ``Dataset.source`` says which
+    was read, and it is logged.
 
     Args:
       name: one of ``DATASET_NAMES``.
       split: ``"train"`` or ``"test"``.
       data_dir: folder to read from (see above); passed to tfds as its data_dir.
-      source: ``"auto"``, ``"tfds"`` or ``"idx"`` (``"idx"`` only for MNIST and
-        Fashion-MNIST; ``synthetic`` accepts only ``"auto"``).
+        It must exist; None or ``""`` for the default locations.
+      source: one of ``SOURCES``: ``"auto"``, ``"files"``, ``"tfds"``, ``"idx"``.
       num_examples: keep only the first ``num_examples`` examples (the number
         to generate for ``synthetic``); None keeps all.
       seed: non-negative int; used only by ``synthetic``.
@@ -194,17 +241,20 @@ def load_dataset(
       num_classes: ``synthetic`` only: number of classes, default 10.
 
     Returns:
-      A ``Dataset`` with uint8 images [N, H, W, C] (MNIST-like: [N, 28, 28, 1])
-      and int32 labels [N].
+      A ``Dataset`` with uint8 images [N, H, W, C] (CIFAR, SVHN: [N, 32, 32, 3],
+      RGB; MNIST-like: [N, 28, 28, 1]), int32 labels [N] (SVHN: the digit, 0
+      for the files' label 10) and ``source`` describing where it was read.
 
     Raises:
       ValueError: unknown name, split or source, or another invalid argument
-        (checked before any file is read or TensorFlow imported), or
-        ``num_examples`` larger than the split.
-      DatasetNotFoundError: the data is not where it was looked for; the message
-        says where it looked and how to get the data.
-      ImportError: a tfds source was asked for but tensorflow_datasets is not
-        installed.
+        (checked before any file is read or TensorFlow imported);
+        ``num_examples`` larger than the split; a local file that is truncated
+        or malformed (the message names it), or CIFAR's pickle version.
+      DatasetNotFoundError: ``data_dir`` or ``$JAX_MEMAT_DATA_DIR`` does not
+        exist, or the data is not where it was looked for; the message says
+        what was looked for, where, and how to get the data.
+      ImportError: a tfds source was asked for but the ``tfds`` extra is not
+        installed; the message says what to install.
 
     Example:
       >>> ds = load_dataset("synthetic", "train", num_examples=32, seed=0)
@@ -223,6 +273,9 @@ def load_dataset(
     seed = _random.check_seed(seed)
     shape, classes = dataset_spec(name, image_shape=image_shape, num_classes=num_classes)
     spec = _SOURCES[name]
+    if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
+        raise ValueError(f"data_dir must be None or a path; got {data_dir!r}.")
+    data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None
 
     if name == "synthetic":
         if source != "auto":
@@ -231,49 +284,72 @@ def load_dataset(
                 f"got {source!r}."
             )
         n = _SYNTHETIC_SIZES[split] if num_examples is None else int(num_examples)
-        return make_synthetic(
+        dataset = make_synthetic(
             split, num_examples=n, image_shape=shape, num_classes=classes, seed=seed
         )
-    if source == "idx" and not spec.idx_subdirs:
+        logging.info("Dataset: %s", dataset.source)
+        return dataset
+    if source == "idx" and spec.file_format != "idx":
         raise ValueError(
             f"source='idx' exists only for mnist and fashion_mnist; {name!r} accepts "
-            "'auto' or 'tfds'."
+            "'auto', 'files' or 'tfds'."
         )
 
-    if source == "tfds" or not spec.idx_subdirs:
-        images, labels = _load_tfds(spec.tfds_name, split, data_dir, num_examples)
-    elif source == "idx":
-        images, labels = _load_idx(name, split, data_dir)
-    else:  # auto: local IDX files first, then tfds.
+    # Every folder named by the user must exist: never read from elsewhere instead.
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DatasetNotFoundError(
+            f"data_dir {data_dir} does not exist or is not a folder. Create it and put the "
+            f"{name} files there (see docs/datasets.md), or pass no data_dir to use the "
+            "default locations."
+        )
+    env_dir = None if data_dir else os.environ.get(DATA_DIR_ENV) or None
+    if env_dir is not None and source != "tfds" and not os.path.isdir(env_dir):
+        raise DatasetNotFoundError(
+            f"${DATA_DIR_ENV}={env_dir} does not exist or is not a folder. Create it and put "
+            f"the {name} files there, or unset ${DATA_DIR_ENV}."
+        )
+
+    if source == "tfds":
+        images, labels, origin = _load_tfds(spec.tfds_name, split, data_dir, num_examples)
+    elif source in ("files", "idx"):
+        images, labels, origin = _load_files(name, split, data_dir)
+    else:  # auto: the official files first, then tfds.
         try:
-            images, labels = _load_idx(name, split, data_dir)
-        except DatasetNotFoundError as idx_error:
+            images, labels, origin = _load_files(name, split, data_dir)
+        except DatasetNotFoundError as files_error:
             try:
-                images, labels = _load_tfds(spec.tfds_name, split, data_dir, num_examples)
+                images, labels, origin = _load_tfds(spec.tfds_name, split, data_dir, num_examples)
             except (DatasetNotFoundError, ImportError) as tfds_error:
                 raise DatasetNotFoundError(
-                    f"{name} ({split}) found neither as IDX files nor through tfds.\n"
-                    f"IDX: {idx_error}\ntfds: {tfds_error}"
+                    f"{name} ({split}) found neither as its official files nor through tfds.\n"
+                    f"Files: {files_error}\ntfds: {tfds_error}"
                 ) from None
 
     if images.ndim == 3:
         images = images[..., None]
     if images.shape[1:] != shape:
-        raise ValueError(f"{name} ({split}): images of shape {images.shape[1:]}, expected {shape}.")
+        raise ValueError(
+            f"{name} ({split}) from {origin}: images of shape {images.shape[1:]}, expected {shape}."
+        )
+    total = images.shape[0]
     if num_examples is not None:
-        if num_examples > images.shape[0]:
+        if num_examples > total:
             raise ValueError(
-                f"num_examples={num_examples} but the {split} split of {name} has only "
-                f"{images.shape[0]} examples."
+                f"num_examples={num_examples} but the {split} split of {name} ({origin}) has "
+                f"only {total} examples."
             )
         # Copies, so that the full split's arrays can be freed.
         images, labels = images[:num_examples].copy(), labels[:num_examples].copy()
-    return Dataset(
+    count = f"{total} examples" if num_examples is None else f"the first {num_examples} examples"
+    dataset = Dataset(
         np.ascontiguousarray(images, dtype=np.uint8),
         np.asarray(labels, dtype=np.int32),
         classes,
         name,
+        f"{name} {split}: {count} {origin}",
     )
+    logging.info("Dataset: %s", dataset.source)
+    return dataset
 
 
 def _check_choice(what: str, value: str, accepted: Sequence[str]) -> str:
@@ -284,15 +360,20 @@ def _check_choice(what: str, value: str, accepted: Sequence[str]) -> str:
     return value
 
 
-def _idx_dirs(name: str, data_dir: str | None) -> list[str]:
-    """Folders searched for the IDX files of ``name``, in order."""
+def _local_dirs(name: str, data_dir: str | None) -> list[str]:
+    """Folders searched for the official files of ``name``, in order.
+
+    An explicit ``data_dir`` is the only place searched (with its dataset
+    sub-folders); without it, ``$JAX_MEMAT_DATA_DIR`` then the system folders.
+    """
     spec = _SOURCES[name]
+    root = data_dir or os.environ.get(DATA_DIR_ENV) or None
     dirs = []
-    for root in (data_dir, os.environ.get(DATA_DIR_ENV)):
-        if root:
-            dirs.extend(os.path.join(root, sub) for sub in spec.idx_subdirs)
-            dirs.append(root)
-    dirs.extend(spec.idx_system_dirs)
+    if root:
+        dirs.extend(os.path.join(root, sub) for sub in spec.subdirs)
+        dirs.append(root)
+    if not data_dir:
+        dirs.extend(spec.system_dirs)
     return dirs
 
 
@@ -303,39 +384,95 @@ def _find_file(folder: str, stem: str) -> str | None:
     return None
 
 
-def _load_idx(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    image_stem, label_stem = _IDX_FILES[split]
-    dirs = _idx_dirs(name, data_dir)
+def _load_files(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Reads ``split`` of ``name`` from the first searched folder holding its files.
+
+    Returns images, labels and where they came from (for ``Dataset.source``).
+    """
+    dirs = _local_dirs(name, data_dir)
     for folder in dirs:
-        image_path = _find_file(folder, image_stem)
-        label_path = _find_file(folder, label_stem)
-        if image_path and label_path:
-            images, labels = read_idx(image_path), read_idx(label_path)
-            if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-                raise ValueError(
-                    f"{image_path} and {label_path} do not hold [N, H, W] images and [N] "
-                    f"labels: shapes {images.shape} and {labels.shape}."
-                )
-            return images, labels
+        if os.path.isdir(folder):
+            found = _read_from_folder(name, split, folder)
+            if found is not None:
+                return found
     raise DatasetNotFoundError(
-        f"IDX files {image_stem}[.gz] and {label_stem}[.gz] of {name} ({split}) were not found "
-        f"in any of: {', '.join(dirs)}. To get them, {_SOURCES[name].idx_help}; put them in a "
-        f"folder and pass data_dir=<folder> or set ${DATA_DIR_ENV}=<folder>, or use "
-        "source='tfds'."
+        f"{_looked_for(name, split)} of {name} ({split}) not found in any of: "
+        f"{', '.join(dirs) or '(no folder: neither data_dir nor $' + DATA_DIR_ENV + ' is set)'}. "
+        f"To get them, {_SOURCES[name].files_help}; put them in a folder (or its sub-folder "
+        f"{_SOURCES[name].subdirs[0]}/) and pass data_dir=<folder> or set "
+        f"${DATA_DIR_ENV}=<folder>, or use source='tfds'."
     )
+
+
+def _read_from_folder(
+    name: str, split: str, folder: str
+) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """Reads ``split`` of ``name`` if ``folder`` holds its official files, else None."""
+    file_format = _SOURCES[name].file_format
+    if file_format == "idx":
+        return _read_idx_pair(name, split, folder)
+    if file_format == "cifar":
+        location = cifar.find_cifar_binary(folder, name)
+        if location is None:
+            return None
+        images, labels = cifar.read_cifar_binary(location, split, name)
+        title = cifar.LAYOUTS[name].title
+        return images, labels, f"from {location} ({title} binary version, rows in file order)"
+    path = svhn.find_svhn_mat(folder, split)
+    if path is None:
+        return None
+    images, labels = svhn.read_svhn_mat(path)
+    return images, labels, f"from {path} (SVHN cropped digits .mat, rows in file order)"
+
+
+def _looked_for(name: str, split: str) -> str:
+    """The files of ``split`` of ``name``, in words, for error messages."""
+    file_format = _SOURCES[name].file_format
+    if file_format == "idx":
+        image_stem, label_stem = _IDX_FILES[split]
+        return f"IDX files {image_stem}[.gz] and {label_stem}[.gz]"
+    if file_format == "cifar":
+        layout = cifar.LAYOUTS[name]
+        return (
+            f"The {layout.title} binary version ({layout.archive}, its extracted folder "
+            f"{layout.folder}/, or the files {', '.join(layout.files[split])})"
+        )
+    return f"The file {svhn.FILES[split]}"
+
+
+def _read_idx_pair(name: str, split: str, folder: str) -> tuple[np.ndarray, np.ndarray, str] | None:
+    image_stem, label_stem = _IDX_FILES[split]
+    image_path = _find_file(folder, image_stem)
+    label_path = _find_file(folder, label_stem)
+    if not (image_path and label_path):
+        return None
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{image_path} and {label_path} do not hold [N, H, W] images and [N] "
+            f"labels: shapes {images.shape} and {labels.shape}."
+        )
+    return images, labels, f"from {folder} (IDX files, rows in file order)"
 
 
 def _load_tfds(
     tfds_name: str, split: str, data_dir: str | None, num_examples: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Reads the first ``num_examples`` (all if None) of a tfds split, in file order."""
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Reads the first ``num_examples`` (all if None) of a tfds split, in tfds' order.
+
+    Returns images, labels and where they came from (for ``Dataset.source``).
+    """
     try:
+        # tensorflow-datasets 4.9 imports it while downloading and preparing a
+        # dataset without declaring it: checked here so that its absence is an
+        # install problem, reported as one, rather than a failed download.
+        import importlib_resources  # noqa: F401
         import tensorflow as tf
         import tensorflow_datasets as tfds
     except ImportError as err:
         raise ImportError(
-            f"Loading {tfds_name!r} through tfds needs tensorflow and tensorflow-datasets "
-            f"(pip install tensorflow-cpu tensorflow-datasets): {err}"
+            f"Loading {tfds_name!r} through tfds needs the tfds extra: {TFDS_INSTALL} "
+            f"(missing: {err.name or err})."
         ) from err
     # TensorFlow only reads files here; JAX owns the accelerators' memory.
     try:
@@ -343,26 +480,34 @@ def _load_tfds(
     except RuntimeError:  # TensorFlow already initialized its devices; nothing to change.
         pass
 
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     try:
-        ds = tfds.load(
+        ds, info = tfds.load(
             tfds_name,
             split=split,
             data_dir=data_dir,
             batch_size=_TFDS_CHUNK,
             as_supervised=True,
             shuffle_files=False,
+            with_info=True,
         )
-    except Exception as err:  # Any failure to open the data means it is not available here.
-        where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    except ImportError as err:  # A module tfds needs is missing: an install problem.
+        raise ImportError(
+            f"tensorflow-datasets could not load {tfds_name!r}: {type(err).__name__}: {err}. "
+            f"Install the tfds extra: {TFDS_INSTALL}."
+        ) from err
+    except Exception as err:  # Any other failure to open the data means it is not available.
         message = f"{type(err).__name__}: {err}"
         if len(message) > 500:
             message = message[:500] + " ..."
         # `from None`: the cause is summarized above, tfds' deep traceback adds nothing.
         raise DatasetNotFoundError(
             f"tfds dataset {tfds_name!r} (split {split!r}) could not be loaded from {where} "
-            f"({message}). To get it, on a machine with network run `tfds build {tfds_name} "
-            f"--data_dir=<dir>` (or load it once with network access), copy <dir>/{tfds_name} "
-            f"to {where} or pass data_dir=<dir>."
+            f"({message}). To get it, on a machine with network access run `python -c "
+            f'"import tensorflow_datasets as tfds; '
+            f"tfds.builder('{tfds_name}', data_dir='<dir>').download_and_prepare()\"` "
+            "(the `tfds build` command of tensorflow-datasets 4.9 also needs apache-beam), "
+            f"then copy <dir>/{tfds_name} to {where} or pass data_dir=<dir>."
         ) from None
 
     image_chunks, label_chunks, count = [], [], 0
@@ -372,4 +517,5 @@ def _load_tfds(
         count += len(labels)
         if num_examples is not None and count >= num_examples:
             break
-    return np.concatenate(image_chunks), np.concatenate(label_chunks)
+    origin = f"through tfds {tfds_name!r} from {info.data_dir} (rows in tfds' order)"
+    return np.concatenate(image_chunks), np.concatenate(label_chunks), origin

@@ -48,6 +48,8 @@ def make_synthetic(
       ...                     seed=0)
       >>> ds.images.shape, ds.labels.dtype
       ((6, 4, 4, 1), dtype('int32'))
+      >>> ds.source
+      'synthetic train: 6 examples generated from seed 0 (4x4x1 images, 3 classes)'
     """
     templates = _random.generator(seed, "synthetic.templates").uniform(
         size=(num_classes, *image_shape)
@@ -61,4 +63,9 @@ def make_synthetic(
     )
     pixels = _LOW + _RANGE * templates[labels] + noise
     images = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-    return Dataset(images, labels.astype(np.int32), num_classes, "synthetic")
+    height, width, channels = image_shape
+    source = (
+        f"synthetic {split}: {num_examples} examples generated from seed {seed} "
+        f"({height}x{width}x{channels} images, {num_classes} classes)"
+    )
+    return Dataset(images, labels.astype(np.int32), num_classes, "synthetic", source)

@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from jax_memat.attacks import NORMS
-from jax_memat.data import DATASET_NAMES, dataset_spec
+from jax_memat.data import DATASET_NAMES, SOURCES, dataset_spec
 from jax_memat.data.corruptions import IMAGE_CORRUPTIONS
 from jax_memat.models import MODEL_NAMES
 from jax_memat.objectives import OBJECTIVE_NAMES, REGULARIZER_OUTPUTS
@@ -63,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "cifar10"
-    c.dataset.source = "auto"  # auto | tfds | idx (MNIST-like only)
+    c.dataset.source = "auto"  # auto (files, then tfds) | files | tfds | idx (= files)
     c.dataset.data_dir = ""  # "" = default locations
     c.dataset.num_train_examples = -1  # -1 = all
     c.dataset.num_test_examples = -1
@@ -205,7 +205,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
         d = c.dataset
         one_of(d.name, DATASET_NAMES, "dataset.name")
-        one_of(d.source, ("auto", "tfds", "idx"), "dataset.source")
+        one_of(d.source, SOURCES, "dataset.source")
         positive_int(d.num_train_examples, "dataset.num_train_examples", allow_minus_one=True)
         positive_int(d.num_test_examples, "dataset.num_test_examples", allow_minus_one=True)
         number(d.label_noise, "dataset.label_noise", 0.0, 1.0)
