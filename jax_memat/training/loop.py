@@ -252,6 +252,7 @@ def train_and_evaluate(
         read_metrics(workdir),
         os.path.join(workdir, PLOT_FILE),
         title=os.path.basename(os.path.abspath(workdir)),
+        config=config,
     )
     return report
 
