@@ -267,9 +267,10 @@ def plot_learning_curves(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     labels = curve_labels(config)
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 5.6))
     plotted = []
     for key, color, style in _ACCURACY_CURVES:
         pts = [(r["epoch"], 100 * r[key]) for r in rows if key in r]
@@ -278,21 +279,21 @@ def plot_learning_curves(
             ax_acc.plot(
                 *zip(*pts, strict=True), style, color=color, label=labels[key], **_marks(pts)
             )
-    ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.set_ylim(*accuracy_limits(plotted))
-    ax_acc.grid(alpha=0.3)
-    ax_acc.legend(fontsize=8)
     for key, color, style in _LOSS_CURVES:
         pts = [(r["epoch"], r[key]) for r in rows if key in r]
         if pts:
             ax_loss.plot(
                 *zip(*pts, strict=True), style, color=color, label=labels[key], **_marks(pts)
             )
-    ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
+    for ax in (ax_acc, ax_loss):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        # Below the panel, so it never hides a curve.
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     full_title = figure_title(title, config)
     if full_title:
         fig.suptitle(full_title)
