@@ -200,11 +200,17 @@ def run_evaluation(
     if attack == "autoattack":
         from jax_memat.attacks.autoattack import autoattack
 
-        bar = tqdm(total=4, desc="AutoAttack", unit="attack")
+        bars = {}  # one bar per attack: its chunks cost alike, so its ETA holds
 
-        def progress(name, acc):
-            bar.update(1)
-            bar.set_postfix(last=name, robust=f"{100 * acc:.2f}%")
+        def progress(name, done, total, acc):
+            if name not in bars:
+                for earlier in bars.values():
+                    earlier.close()
+                bars[name] = tqdm(total=total, desc=f"AutoAttack {name}", unit="chunk")
+            bar = bars[name]
+            bar.total = total  # an estimate that falls as points are broken
+            bar.update(done - bar.n)
+            bar.set_postfix(robust=f"{100 * acc:.2f}%")
 
         images = data.images[:n].astype(np.float32) / 255.0
         out = autoattack(
@@ -219,7 +225,8 @@ def run_evaluation(
             chunk_size=batch_size,
             progress=progress,
         )
-        bar.close()
+        for bar in bars.values():
+            bar.close()
         result.update(
             natural_accuracy=out.clean_accuracy,
             robust_accuracy=out.robust_accuracy,

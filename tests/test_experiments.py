@@ -3,6 +3,8 @@
 import csv
 import json
 import os
+import re
+import shutil
 import sys
 
 import pytest
@@ -13,41 +15,137 @@ from experiments import te_table  # noqa: E402
 from jax_memat.training import train_and_evaluate  # noqa: E402
 from tests.test_run import tiny_config  # noqa: E402
 
+# tiny_config evaluates the first 40 test images; its attack is L-inf eps 0.1.
+TEST_POINTS = 40
 
-def test_te_table_collects_runs(tmp_path, capsys):
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    """Two finished tiny runs (PGD-AT, PGD-AT+TE), to be copied by each test."""
+    root = tmp_path_factory.mktemp("runs")
     workdirs = []
     for te in (False, True):
-        workdir = str(tmp_path / ("te" if te else "plain"))
+        workdir = str(root / ("te" if te else "plain"))
         train_and_evaluate(tiny_config(epochs=3, te=te), workdir)
         workdirs.append(workdir)
-    # What `python -m jax_memat.evaluate --attack=autoattack` writes (its robust_accuracy).
-    os.makedirs(os.path.join(workdirs[1], "eval"))
-    for which, acc in (("best", 0.25), ("final", 0.2)):
-        with open(os.path.join(workdirs[1], "eval", f"{which}_autoattack_test.json"), "w") as f:
-            json.dump({"robust_accuracy": acc}, f)
+    return workdirs
+
+
+def _copy(workdirs, tmp_path):
+    copies = []
+    for wd in workdirs:
+        copies.append(str(tmp_path / os.path.basename(wd)))
+        shutil.copytree(wd, copies[-1])
+    return copies
+
+
+def _report(workdir):
+    with open(os.path.join(workdir, "final_report.json")) as f:
+        return json.load(f)
+
+
+def _write_aa(workdir, which, robust_accuracy, num_examples, epoch=None, eps=0.1):
+    """What `python -m jax_memat.evaluate --attack=autoattack` writes (the fields used)."""
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    result = {
+        "checkpoint": which,
+        "epoch": _report(workdir)[which]["epoch"] if epoch is None else epoch,
+        "num_examples": num_examples,
+        "attack": "autoattack",
+        "norm": "linf",
+        "eps": eps,
+        "robust_accuracy": robust_accuracy,
+    }
+    with open(os.path.join(workdir, "eval", f"{which}_autoattack_test.json"), "w") as f:
+        json.dump(result, f)
+
+
+def _table(md):
+    """Header cells and body rows of the Markdown table, and the footnotes by number."""
+    lines = md.splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    body = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        body.append(dict(zip(head, (c.strip() for c in line.strip("|").split("|")), strict=True)))
+    notes = dict(re.findall(r"^\[(\d+)\] (.*?)\s*$", md, flags=re.M))
+    return head, body, notes
+
+
+def test_te_table_shows_what_exists_and_says_what_is_missing(finished_runs, tmp_path, capsys):
+    plain, te = _copy(finished_runs, tmp_path)
+    # AutoAttack only for the TE run's Best checkpoint, on half of the test points.
+    _write_aa(te, "best", 0.25, num_examples=20)
     os.makedirs(tmp_path / "unfinished")
     out = str(tmp_path / "table" / "main")
-    te_table.main([*workdirs, str(tmp_path / "unfinished"), "--out", out])
+    te_table.main([plain, te, str(tmp_path / "unfinished"), "--out", out])
     assert "skipping" in capsys.readouterr().err
     for ext in (".md", ".csv", ".png"):
         assert os.path.getsize(out + ext) > 0
+    assert sorted(os.listdir(tmp_path / "table")) == ["main.csv", "main.md", "main.png"]
+
     with open(out + ".csv") as f:
-        rows = list(csv.DictReader(f))
+        text = f.read()
+    rows = list(csv.DictReader(text.splitlines()))
     assert [r["method"] for r in rows] == ["PGD-AT", "PGD-AT+TE"]
-    for row, workdir in zip(rows, workdirs, strict=True):
-        with open(os.path.join(workdir, "final_report.json")) as f:
-            report = json.load(f)
+    # No float noise: every number has at most 2 decimals.
+    assert not re.search(r"\d\.\d{3,}", text)
+    for row, workdir in zip(rows, (plain, te), strict=True):
+        report = _report(workdir)
+        assert row["test_points"] == str(TEST_POINTS)
         for name, key in (("PGD", "test_pgd_accuracy"), ("CW", "test_cw_accuracy")):
-            best, final = 100 * report["best"][key], 100 * report["final"][key]
-            assert float(row[f"best_{name}"]) == pytest.approx(best)
-            assert float(row[f"diff_{name}"]) == pytest.approx(final - best)
-    assert "best_AA" not in rows[0] or rows[0]["best_AA"] == ""
-    assert float(rows[1]["best_AA"]) == pytest.approx(25.0)
-    assert float(rows[1]["diff_AA"]) == pytest.approx(-5.0)
+            best = round(100 * report["best"][key], 2)
+            final = round(100 * report["final"][key], 2)
+            assert float(row[f"best_{name}"]) == best
+            assert float(row[f"diff_{name}"]) == pytest.approx(final - best, abs=1e-9)
+    assert rows[0]["best_AA"] == rows[0]["final_AA"] == rows[0]["diff_AA"] == ""
+    assert float(rows[1]["best_AA"]) == 25.0 and rows[1]["best_AA_points"] == "20"
+    assert rows[1]["final_AA"] == rows[1]["diff_AA"] == rows[1]["final_AA_points"] == ""
+
     with open(out + ".md") as f:
         md = f.read()
-    assert "Final-Best PGD-3" in md.splitlines()[0]
-    assert md.count("\n") == 4  # header, rule, two runs
+    head, body, notes = _table(md)
+    # Counts shared by a whole column go into its header.
+    assert "Best PGD-3 (n=40)" in head and "Final-Best CW-3 (n=40)" in head
+    assert "Best AA (n=20)" in head
+    assert "Final AA" in head and "Final-Best AA" in head  # no number: no count
+    assert len(body) == 2
+    assert body[1]["Best AA (n=20)"] == "25.00"
+    assert body[1]["Final-Best AA"] == "—"
+    for row, workdir, missing in ((body[0], plain, ("best", "final")), (body[1], te, ("final",))):
+        for which in missing:
+            column = next(h for h in head if h.startswith(f"{which.title()} AA"))
+            cell = re.fullmatch(r"— \[(\d+)\]", row[column])
+            assert cell, row[column]
+            note = notes[cell.group(1)]
+            assert os.path.join(workdir, "eval", f"{which}_autoattack_test.json") in note
+            assert (
+                f"`python -m jax_memat.evaluate --workdir={workdir} --checkpoint={which} "
+                f"--attack=autoattack --num_examples={TEST_POINTS}`"
+            ) in note
+    assert len(notes) == 3
+
+
+def test_te_table_counts_per_cell_and_flags_stale_evaluations(finished_runs, tmp_path):
+    plain, te = _copy(finished_runs, tmp_path)
+    for workdir, n in ((plain, 40), (te, 20)):
+        _write_aa(workdir, "best", 0.3, num_examples=n)
+    _write_aa(plain, "final", 0.25, num_examples=40)
+    _write_aa(te, "final", 0.2, num_examples=40, epoch=1, eps=0.05)
+    rows = te_table.collect([plain, te])
+    head, body, notes = _table(te_table.to_markdown(rows))
+    # The column mixes 40 and 20 points: each cell says its own.
+    assert "Best AA" in head
+    assert [r["Best AA"] for r in body] == ["30.00 (n=40)", "30.00 (n=20)"]
+    # Final - Best on different point sets says so.
+    assert [r["Final-Best AA"] for r in body] == ["-5.00 (n=40)", "-10.00 (n=20 vs 40)"]
+    assert "Final AA (n=40)" in head
+    cell = re.fullmatch(r"20\.00 \[(\d+)\] \[(\d+)\]", body[1]["Final AA (n=40)"])
+    assert cell, body[1]["Final AA"]
+    stale, threat = (notes[i] for i in cell.groups())
+    assert "epoch 1" in stale and "epoch 3" in stale
+    assert "eps 0.05" in threat and "eps 0.1" in threat
 
 
 def test_te_table_rejects_no_finished_runs(tmp_path):

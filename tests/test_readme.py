@@ -3,6 +3,7 @@
 import os
 import re
 
+import numpy as np
 import pytest
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -13,7 +14,7 @@ def _python_blocks():
         return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
 
 
-def test_readme_notebook_example_runs(monkeypatch):
+def test_readme_notebook_example_runs(monkeypatch, capsys):
     from jax_memat.data import DatasetNotFoundError, load_dataset
 
     try:
@@ -29,3 +30,13 @@ def test_readme_notebook_example_runs(monkeypatch):
     assert float(metrics["loss"]) > 0
     delta = abs(x_adv - batch["image"]).max()
     assert 0 < delta <= 0.1 + 1e-6
+    # It prints the natural and the PGD accuracy of the last batch, in %.
+    out = capsys.readouterr().out
+    printed = re.search(r"natural ([\d.]+)% \| PGD-10 ([\d.]+)%", out)
+    assert printed, out
+    apply_fn, variables = namespace["apply_fn"], namespace["state"].variables
+    for images, text in zip((batch["image"], x_adv), printed.groups(), strict=True):
+        logits, _ = apply_fn(variables, images, False)
+        correct = np.argmax(np.asarray(logits), -1) == np.asarray(batch["label"])
+        # Printed with one decimal: within half of 0.1 point of the true value.
+        assert float(text) == pytest.approx(100 * correct.mean(), abs=0.05 + 1e-9)

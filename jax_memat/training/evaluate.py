@@ -82,7 +82,10 @@ def evaluate(
       key: attack randomness; batch ``i`` uses ``fold_in(key, i)``.
       mesh: the device mesh.
       num_examples: evaluate rows ``[0, num_examples)``; default all.
-      progress: called with the number of batches done (for a progress bar).
+      progress: called as ``progress(batches_done)`` each time a batch's
+        results reach the host (``batches_done`` = 1, 2, ... up to the number
+        of batches, ``ceil(num_examples / batch_size)``), e.g. to advance a
+        progress bar by one batch.
 
     Returns:
       ``(per_example, summary)``: numpy arrays of length ``num_examples`` (with
@@ -95,15 +98,22 @@ def evaluate(
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
     indices, mask = eval_batches(n, batch_size)
-    outputs = []
+    outputs, in_flight = [], None
     for i, idx in enumerate(indices):
-        outputs.append(
-            eval_fn(variables, images, labels, shard_batch(idx, mesh), jax.random.fold_in(key, i))
+        # Batch i is dispatched before batch i - 1 is fetched, so the devices
+        # always have the next batch queued while the host waits: the fetch
+        # costs no device time, and progress counts batches that finished.
+        dispatched = eval_fn(
+            variables, images, labels, shard_batch(idx, mesh), jax.random.fold_in(key, i)
         )
-        if progress is not None:
-            progress(i + 1)
-    # One transfer at the end rather than a host round-trip per batch.
-    outputs = jax.device_get(outputs)
+        if in_flight is not None:
+            outputs.append(jax.device_get(in_flight))
+            if progress is not None:
+                progress(len(outputs))
+        in_flight = dispatched
+    outputs.append(jax.device_get(in_flight))
+    if progress is not None:
+        progress(len(outputs))
     keep = mask.reshape(-1) > 0
     per_example = {k: np.concatenate([o[k] for o in outputs])[keep] for k in outputs[0]}
     per_example["index"] = indices.reshape(-1)[keep]

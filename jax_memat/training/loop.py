@@ -29,7 +29,6 @@ is the uninterrupted one, bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -469,17 +468,12 @@ def _save(ckpts: RunCheckpoints, kind: str, state, meta: dict) -> None:
 
 
 def _plot(config, workdir: str) -> None:
-    """Writes ``learning_curves.png`` atomically (a temporary file renamed)."""
-    path = os.path.join(workdir, PLOT_FILE)
-    tmp = os.path.join(workdir, f".{PLOT_FILE}.tmp.png")
-    try:
-        plot_learning_curves(
-            read_metrics(workdir), tmp, title=os.path.basename(os.path.abspath(workdir))
-        )
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+    plot_learning_curves(
+        read_metrics(workdir),
+        os.path.join(workdir, PLOT_FILE),
+        title=os.path.basename(os.path.abspath(workdir)),
+        config=config,
+    )
 
 
 def _summary_line(row: dict) -> str:

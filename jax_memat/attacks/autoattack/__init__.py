@@ -13,8 +13,12 @@ alone:
 ``autoattack`` runs the standard ensemble (APGD-CE, APGD-T, FAB-T, Square) on
 the library's model function ``apply(variables, images, train)``, in
 fixed-size padded chunks over all local devices, and returns an
-``AutoAttackResult``. The algorithm follows ``specs/autoattack.md``; see
-``docs/autoattack.md`` for how it was validated.
+``AutoAttackResult``. The algorithm is the one of Croce & Hein (ICML 2020)
+and of the authors' release (github.com/fra31/auto-attack); FAB is from
+Croce & Hein (ICML 2020, "Minimally distorted adversarial examples with a
+fast adaptive boundary attack") and Square from Andriushchenko et al. (ECCV
+2020). ``docs/autoattack.md`` describes the algorithm and how it was
+validated.
 """
 
 from jax_memat.attacks.autoattack._common import target_by_rank

@@ -1,7 +1,8 @@
 """APGD (Croce & Hein, 2020): step-size-free PGD with momentum and checkpoints.
 
-This module holds the attack as the released AutoAttack "standard" version
-runs it (``specs/autoattack.md``): the cross-entropy, DLR and targeted-DLR
+This module holds the attack as the AutoAttack "standard" version runs it
+(Croce & Hein, ICML 2020, arXiv:2003.01690, and the authors' release,
+github.com/fra31/auto-attack): the cross-entropy, DLR and targeted-DLR
 losses, the random start, the momentum step, best-point tracking and the
 step-size halving at checkpoints, and APGD-T (targeted DLR on the classes
 ranked 2, 3, ... by the clean logits).
