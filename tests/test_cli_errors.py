@@ -37,7 +37,7 @@ def _copy_of(finished, tmp_path):
     return dst
 
 
-def _file(tmp_path):
+def _file(finished, tmp_path):
     path = tmp_path / "a_file"
     path.write_text("not a folder\n")
     return str(path)
@@ -107,7 +107,7 @@ CASES = [
      ["holds a run of a different config", "seed: saved 7, now 0"]),
     ("corrupt-config", TRAIN, [TINY], _truncate("config.json"), 3,
      ["config.json is corrupt", "cut short by a failed write"]),
-    ("corrupt-labels", TRAIN, ["--config=tests/tiny_cli_config.py:1"], _truncate("labels.npz"), 3,
+    ("corrupt-labels", TRAIN, ["--config=tests/tiny_cli_config.py:2"], _truncate("labels.npz"), 3,
      ["labels.npz is corrupt", "move it away"]),
     ("corrupt-report", TRAIN, ["--config=tests/tiny_cli_config.py:1"],
      _truncate("final_report.json"), 3, ["final_report.json is corrupt"]),

@@ -34,6 +34,16 @@ TFDS_INSTALL = "pip install 'jax_memat[tfds]'"
 _SYNTHETIC_IMAGE_SHAPE = (8, 8, 1)
 _SYNTHETIC_NUM_CLASSES = 10
 _SYNTHETIC_SIZES = {"train": 512, "test": 256}
+# Examples per split (synthetic: its default size), known before anything is read,
+# so that a config asking for more, or a run too large for memory, is refused first.
+SPLIT_SIZES = {
+    "cifar10": {"train": 50_000, "test": 10_000},
+    "cifar100": {"train": 50_000, "test": 10_000},
+    "svhn": {"train": 73_257, "test": 26_032},
+    "mnist": {"train": 60_000, "test": 10_000},
+    "fashion_mnist": {"train": 60_000, "test": 10_000},
+    "synthetic": _SYNTHETIC_SIZES,
+}
 # tfds is read in chunks: `batch_size=-1` asks TensorFlow for one batch as large
 # as the dataset's recorded size, which is unknown (sys.maxsize) under
 # `tfds.testing.mock_data` and aborts the process in recent TensorFlow.

@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from jax_memat.attacks import NORMS
-from jax_memat.data import DATASET_NAMES, SOURCES, dataset_spec
+from jax_memat.data import DATASET_NAMES, SOURCES, SPLIT_SIZES, dataset_spec
 from jax_memat.data.corruptions import IMAGE_CORRUPTIONS
 from jax_memat.models import MODEL_NAMES
 from jax_memat.objectives import OBJECTIVE_NAMES, REGULARIZER_OUTPUTS
@@ -34,15 +34,6 @@ RESUMABLE_FIELDS = ("epochs", "log_every_steps", "progress_bar", "tensorboard")
 
 # Seeds feed numpy's and JAX's generators; both take unsigned 32-bit values.
 MAX_SEED = 2**32 - 1
-# Split sizes of the fixed datasets, so that a size beyond them is refused
-# before any data is read (synthetic is generated at any size).
-SPLIT_SIZES = {
-    "cifar10": {"train": 50_000, "test": 10_000},
-    "cifar100": {"train": 50_000, "test": 10_000},
-    "svhn": {"train": 73_257, "test": 26_032},
-    "mnist": {"train": 60_000, "test": 10_000},
-    "fashion_mnist": {"train": 60_000, "test": 10_000},
-}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -222,7 +213,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         for split, field in (("train", "num_train_examples"), ("test", "num_test_examples")):
             size = SPLIT_SIZES.get(d.name, {}).get(split)
             value = d[field]
-            if size is not None and _is_int(value) and value > size:
+            if d.name != "synthetic" and size is not None and _is_int(value) and value > size:
                 errors.append(
                     f"dataset.{field}={value!r} exceeds the {size} examples of {d.name}'s {split} "
                     f"split; accepted: -1 (all) or an integer in [1, {size}]."
@@ -324,6 +315,14 @@ def threat_model_problems(norm: Any, eps: Any, step_size: Any, prefix: str = "")
     if not (is_number(step_size) and step_size > 0):
         problems.append(f"{prefix}step_size={step_size!r} is out of range; accepted: a number > 0.")
     return problems
+
+
+def expected_split_sizes(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(train, test) example counts a validated config loads, known before reading data."""
+    d, sizes = config.dataset, SPLIT_SIZES[config.dataset.name]
+    n_train = sizes["train"] if d.num_train_examples < 0 else d.num_train_examples
+    n_test = sizes["test"] if d.num_test_examples < 0 else d.num_test_examples
+    return n_train, n_test
 
 
 def check_device_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:

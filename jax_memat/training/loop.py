@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,15 +40,17 @@ import jax
 import numpy as np
 
 from jax_memat.attacks import AttackSpec
-from jax_memat.data import train_batch_indices
+from jax_memat.data import dataset_spec, train_batch_indices
 from jax_memat.training.checkpoints import RunCheckpoints
 from jax_memat.training.config import (
     check_device_batch_sizes,
     config_differences,
     config_to_dict,
+    expected_split_sizes,
     validate_config,
 )
 from jax_memat.training.errors import (
+    ConfigError,
     CorruptFileError,
     NonFiniteLossError,
     ResourceError,
@@ -158,7 +161,7 @@ def _check_saved_labels(workdir: str, record: dict) -> bool:
     try:
         with np.load(path) as saved:
             labels = saved["labels"]
-    except (OSError, ValueError, KeyError, EOFError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise CorruptFileError(
             f"{path} is corrupt ({type(err).__name__}: {err}). It holds the run's training labels; "
             "move it away and run again: the labels are recomputed from the config and saved "
@@ -236,29 +239,33 @@ def train_and_evaluate(
         )
         return plan.survey.report
 
-    train, test, record = load_data(config)
-    for dataset in (train, test):
-        origin = getattr(dataset, "source", "")
-        if origin:
-            _print(f"Data: {origin}")
-    if config.batch_size > train.num_examples:
-        raise ResourceError(  # not a config error: it depends on the data found
-            f"batch_size={config.batch_size} exceeds the {train.num_examples} training examples."
+    # The memory a run needs, from shapes alone: refused before reading data.
+    image_shape, num_classes = dataset_spec(config.dataset.name)
+    num_train, num_test = expected_split_sizes(config)
+    if config.batch_size > num_train:
+        raise ConfigError(
+            f"Invalid config:\n  - batch_size={config.batch_size} exceeds the {num_train} "
+            "training examples; accepted: at most the number of training examples."
         )
-    write_labels = _check_saved_labels(workdir, record) if plan.resuming else True
-    module = model_from_config(config, train.num_classes)
+    module = model_from_config(config, num_classes)
     estimate = estimate_memory(
         module,
-        image_shape=train.image_shape,
-        num_classes=train.num_classes,
-        num_train=train.num_examples,
-        num_test=test.num_examples,
+        image_shape=image_shape,
+        num_classes=num_classes,
+        num_train=num_train,
+        num_test=num_test,
         batch_per_device=config.batch_size // mesh.devices.size,
         te_table=config.te.enabled,
         dtype=config.model.dtype,
     )
     check_memory(estimate, list(mesh.devices.flat))
     check_disk(estimate, workdir)
+
+    train, test, record = load_data(config)
+    for dataset in (train, test):
+        if dataset.source:
+            _print(f"Data: {dataset.source}")
+    write_labels = _check_saved_labels(workdir, record) if plan.resuming else True
 
     guard = StopSignals(handle_signals)
     with WorkdirLock(workdir), guard:
