@@ -92,6 +92,8 @@ def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
         width=config.model.width,
         dtype=config.model.dtype,
         cnn_width=config.model.cnn_width,
+        # Configs saved before these options existed ran with the defaults.
+        bn_unbiased_var=config.model.get("bn_unbiased_var", False),
     )
     apply_fn = make_apply_fn(module)
     spe = steps_per_epoch(train.num_examples, config.batch_size)
@@ -112,7 +114,15 @@ def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
         nesterov=config.optimizer.nesterov,
     )
     a = config.attack
-    attack = AttackSpec(a.name, a.eps, a.step_size, a.steps, a.norm, a.random_start)
+    attack = AttackSpec(
+        a.name,
+        a.eps,
+        a.step_size,
+        a.steps,
+        a.norm,
+        a.random_start,
+        clip_start=a.get("clip_start", True),
+    )
     make_loss = functools.partial(
         make_objective,
         config.objective.name,
