@@ -24,9 +24,8 @@ from jax_memat.models.layers import UnbiasedVarBatchNorm
 from jax_memat.training import ConfigError, default_config, make_mesh, validate_config
 from jax_memat.training.mesh import batch_sharded, replicated
 from jax_memat.training.setup import build_run
-from tests.helpers import mlp_apply, train_mlp
+from tests.helpers import F32_EPS, mlp_apply, train_mlp
 
-F32_EPS = float(np.finfo(np.float32).eps)
 IMAGE_SHAPE = (4, 4, 2)
 NUM_CLASSES = 3
 EPS = 8 / 255
@@ -324,10 +323,13 @@ def test_running_variance_uses_the_global_batch_on_eight_devices():
         flat = np.asarray(inputs, np.float64).reshape(-1, inputs.shape[-1])
         local = 0.9 * np.asarray(old) + 0.1 * flat.var(0) * n_local / (n_local - 1)
         assert np.all(np.abs(local - expected) > 10 * atol)
-    # The forward pass is unchanged (batch statistics, biased variance); 8 devices reduce
-    # in another order, a few float32 roundings per layer on O(1) logits.
-    np.testing.assert_allclose(logits8, flax_logits, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(logits8, logits1, rtol=0, atol=1e-5)
+    # The forward pass is unchanged (batch statistics, biased variance). On 8 devices
+    # the BatchNorm sums over up to 256 values are reduced in another order: ~sqrt(256)
+    # roundings per statistic, over two layers. Normalizing with the unbiased variance
+    # instead would move the logits by ~1/(2n) relative, far more.
+    atol = 64 * F32_EPS * float(np.abs(logits1).max())
+    np.testing.assert_allclose(logits8, flax_logits, rtol=0, atol=atol)
+    np.testing.assert_allclose(logits8, logits1, rtol=0, atol=atol)
 
 
 # ----------------------------------------------------------------------------
