@@ -1,9 +1,14 @@
 """The random-label study (claims C1-C3): adversarial training under label noise.
 
-The authors' settings (specs/paper.md): WRN-28-10, 300 epochs, batch 128, SGD
-lr 0.1 momentum 0.9, lr x0.1 every 100 epochs, no augmentation, weight decay 0
-for random labels (rate 1) and 2e-4 otherwise, L-inf 8/255 with 10 steps of
-2/255, TRADES beta 6.
+The authors' settings (Dong et al., "Exploring Memorization in Adversarial
+Training", ICLR 2022, Sec. 3, and their released code): WRN-28-10, 300 epochs,
+batch 128, SGD lr 0.1 momentum 0.9, lr x0.1 every 100 epochs, no augmentation,
+weight decay 0 for random labels (rate 1) and 2e-4 otherwise, L-inf 8/255 with
+10 steps of 2/255, TRADES beta 6. As in their PyTorch code, BatchNorm running
+variances are updated with the unbiased batch variance
+(``model.bn_unbiased_var``) and the TRADES attack starts at
+``x + 0.001 * N(0, 1)`` without clipping to [0, 1] (``attack.clip_start``; the
+PGD-AT attack clips its start).
 
 Argument: ``"DATASET,MODEL,OBJECTIVE,RATE[,CORRUPTION]"``, e.g.
 ``configs/random_labels.py:cifar10,wrn28_10,pgd_at,1.0`` or
@@ -28,6 +33,9 @@ def get_config(arg: str | None = None):
     c.dataset.name = dataset
     set_model(c, model)
     c.objective.name = objective
+    # As the authors' PyTorch code (see the module docstring).
+    c.model.bn_unbiased_var = True
+    c.attack.clip_start = objective != "trades"
     c.dataset.label_noise = float(rate)
     if len(parts) == 5:
         c.dataset.image_corruption = parts[4]

@@ -1,4 +1,4 @@
-"""Tiny models shared by the attack tests: a 2-layer MLP in plain JAX."""
+"""Shared by the tests: a tiny 2-layer MLP in plain JAX, and float32's unit roundoff."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,11 @@ import numpy as np
 import optax
 
 from jax_memat.attacks import cross_entropy
+
+# The spacing of float32 numbers at 1.0 (2^-23). One rounding of a value of
+# magnitude m is at most F32_EPS * m / 2, so tolerances of float32 results are
+# written as a count of such roundings times the size of the values involved.
+F32_EPS = float(np.finfo(np.float32).eps)
 
 
 def mlp_apply(variables, images, train):

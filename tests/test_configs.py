@@ -60,6 +60,35 @@ def test_random_label_configs():
     assert c.optimizer.weight_decay == 2e-4 and c.dataset.image_corruption == "random_pixels"
 
 
+def test_paper_configs_follow_the_authors_code():
+    """BatchNorm's unbiased running variance everywhere; the attack's start as their code.
+
+    The authors' TRADES, TRADES+TE and PGD-AT+TE attacks do not clip the random
+    start to [0, 1]; their plain PGD-AT attack does.
+    """
+    te = load("te")
+    for objective, clip in (
+        ("pgd_at", True),
+        ("pgd_at_te", False),
+        ("trades", False),
+        ("trades_te", False),
+    ):
+        c = te(f"cifar10,preact18,{objective}")
+        assert c.model.bn_unbiased_var is True
+        assert c.attack.clip_start is clip, objective
+    random_labels = load("random_labels")
+    for objective, clip in (("pgd_at", True), ("trades", False)):
+        c = random_labels(f"cifar10,wrn28_10,{objective},1.0")
+        assert c.model.bn_unbiased_var is True
+        assert c.attack.clip_start is clip, objective
+
+
+def test_library_defaults_keep_flax_batch_norm_and_a_clipped_start():
+    for c in (load("base")(None), load("quickstart")(None)):
+        assert c.model.bn_unbiased_var is False
+        assert c.attack.clip_start is True
+
+
 def test_bad_config_arguments():
     with pytest.raises(ValueError, match="OBJECTIVE in"):
         load("te")("cifar10,preact18,mart")

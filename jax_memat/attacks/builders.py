@@ -20,6 +20,10 @@ Attacks by name (all maximise a per-example objective with ``pgd``):
   inference mode (a constant); starts at ``x + 0.001 * N(0, 1)`` as the TRADES
   code, whatever ``random_start`` says. ``y`` is not used.
 
+Random starts are clipped to the image box ``[0, 1]`` unless
+``clip_start=False``, which reproduces the authors' TRADES, TRADES+TE and
+PGD-AT+TE attacks (their plain PGD-AT attack clips, as the default).
+
 ``objective_extra(logits) -> [B]`` is added to the per-example objective, a
 hook for regularisers such as temporal ensembling. Only its scale *relative to
 the base objective* matters (the ascent direction of each example is scale
@@ -61,6 +65,10 @@ class AttackSpec:
       random_start: uniform start in the ball for ``"pgd"``, ``"cw"`` and
         ``"fgsm"`` (else the clean input); ignored by ``"trades"``, which always
         starts at ``x + 0.001 * N(0, 1)``.
+      clip_start: clip the random start to ``[0, 1]`` (default) or leave it
+        unclipped, as the authors' TRADES and TE attacks do; either way every
+        step projects onto the ball and clips to the box. No effect without a
+        random start.
 
     Example:
       >>> from jax_memat.attacks import AttackSpec
@@ -73,6 +81,7 @@ class AttackSpec:
     steps: int
     norm: str = "linf"
     random_start: bool = True
+    clip_start: bool = True
 
     def validate(self) -> None:
         """Raises ``ValueError`` (naming the accepted values) on a bad field."""
@@ -82,6 +91,8 @@ class AttackSpec:
             raise ValueError(f"norm must be one of {core.NORMS}, got {self.norm!r}")
         if not isinstance(self.random_start, bool):
             raise ValueError(f"random_start must be True or False, got {self.random_start!r}")
+        if not isinstance(self.clip_start, bool):
+            raise ValueError(f"clip_start must be True or False, got {self.clip_start!r}")
         if (
             isinstance(self.eps, bool)
             or not isinstance(self.eps, numbers.Real)
@@ -183,6 +194,7 @@ def make_attack(spec: AttackSpec) -> Attack:
                 norm=spec.norm,
                 init=init,
                 step_size=spec.step_size,
+                clip_start=spec.clip_start,
             )
         return core.pgd(
             logits_fn,
@@ -194,6 +206,7 @@ def make_attack(spec: AttackSpec) -> Attack:
             steps=spec.steps,
             norm=spec.norm,
             init=init,
+            clip_start=spec.clip_start,
         )
 
     return attack

@@ -17,8 +17,8 @@ the per-example gradient at the cost of one backward pass. The steps run in a
 ``lax.fori_loop`` and the result is behind ``lax.stop_gradient``: training
 treats adversarial inputs as data.
 
-Hyper-parameters (``eps``, ``step_size``, ``steps``, ``norm``, ``init``) are
-static Python values, checked eagerly with ``ValueError``s before anything is
+Hyper-parameters (``eps``, ``step_size``, ``steps``, ``norm``, ``init``,
+``clip_start``) are static Python values, checked eagerly with ``ValueError``s before anything is
 traced; pass them as Python floats/ints (not JAX arrays), and mark them static
 if you jit a wrapper that takes them as arguments.
 """
@@ -137,18 +137,24 @@ def _project_and_clip(x_adv: jax.Array, x: jax.Array, eps: float, norm: str) -> 
 
 
 def _start(
-    x: jax.Array, key: jax.Array | None, eps: float, norm: str, init: str, init_std: float
+    x: jax.Array,
+    key: jax.Array | None,
+    eps: float,
+    norm: str,
+    init: str,
+    init_std: float,
+    clip_start: bool,
 ) -> jax.Array:
-    """The first iterate of PGD (see ``pgd`` for the three schemes)."""
+    """The first iterate of PGD (see ``pgd`` for the three schemes and ``clip_start``)."""
     if init == "none":
         return x
     if key is None:
         raise ValueError(f"init={init!r} draws random numbers: pass a PRNG key")
     if init == "normal":
-        # The TRADES start: Gaussian noise, kept in the box but not projected
-        # onto the ball (the authors' code projects only after each step).
-        noise = init_std * jax.random.normal(key, x.shape, x.dtype)
-        return jnp.clip(x + noise, _BOX_MIN, _BOX_MAX)
+        # The TRADES start: Gaussian noise, not projected onto the ball (the
+        # TRADES code projects only after each step).
+        start = x + init_std * jax.random.normal(key, x.shape, x.dtype)
+        return jnp.clip(start, _BOX_MIN, _BOX_MAX) if clip_start else start
     if norm == "linf":
         delta = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
     else:
@@ -158,6 +164,9 @@ def _start(
         dim = math.prod(x.shape[1:])
         u = jax.random.uniform(radius_key, (x.shape[0],) + (1,) * (x.ndim - 1), x.dtype)
         delta = direction * (eps * u ** (1.0 / dim))
+    if not clip_start:
+        # delta is drawn inside the ball, so only the box is left unenforced.
+        return x + delta
     return _project_and_clip(x + delta, x, eps, norm)
 
 
@@ -173,6 +182,7 @@ def pgd(
     norm: str = "linf",
     init: str = "uniform",
     init_std: float = 0.001,
+    clip_start: bool = True,
 ) -> jax.Array:
     """Projected gradient ascent on a per-example objective within an ``eps``-ball.
 
@@ -191,8 +201,15 @@ def pgd(
         the TRADES code, not projected onto the ball before the first step.
       * ``"none"``: ``x`` itself.
 
-    With ``steps == 0`` the start point is returned, projected and clipped;
-    with ``eps == 0`` the clean input is returned unchanged.
+    ``clip_start=False`` leaves the random start unclipped, so the first
+    gradient may be taken outside ``[0, 1]``: the start of the authors' TRADES,
+    TRADES+TE and PGD-AT+TE attacks (Dong et al., 2022; their plain PGD-AT
+    attack clips it, as the default here). Every step still projects onto the
+    ball and clips to the box, so the result is in both either way.
+
+    With ``steps == 0`` the start point is returned, projected and clipped
+    (whatever ``clip_start`` says); with ``eps == 0`` the clean input is
+    returned unchanged.
 
     Args:
       logits_fn: ``x -> [B, K]`` logits; a closure over the model variables in
@@ -207,6 +224,7 @@ def pgd(
       norm: one of ``NORMS``.
       init: one of ``"uniform"``, ``"normal"``, ``"none"``.
       init_std: standard deviation of the ``"normal"`` start.
+      clip_start: clip the random start to ``[0, 1]`` (the default) or not.
 
     Returns:
       ``[B, ...]`` adversarial inputs, behind ``lax.stop_gradient``, with
@@ -227,6 +245,8 @@ def pgd(
       Array([[0.4, 0.6]], dtype=float32)
     """
     eps, step_size, steps, init_std = _check_args(eps, step_size, steps, norm, init, init_std)
+    if not isinstance(clip_start, bool):
+        raise ValueError(f"clip_start must be True or False, got {clip_start!r}")
     if eps == 0:
         return jax.lax.stop_gradient(x)
     x = jax.lax.stop_gradient(x)
@@ -250,7 +270,7 @@ def pgd(
             direction = _unit(g)
         return _project_and_clip(x_adv + step_size * direction, x, eps, norm)
 
-    x_adv = _start(x, key, eps, norm, init, init_std)
+    x_adv = _start(x, key, eps, norm, init, init_std, clip_start)
     if steps == 0:
         x_adv = _project_and_clip(x_adv, x, eps, norm)
     else:
@@ -268,6 +288,7 @@ def fgsm(
     norm: str = "linf",
     init: str = "none",
     step_size: float | None = None,
+    clip_start: bool = True,
 ) -> jax.Array:
     """Fast gradient (sign) method: one PGD step, of size ``eps`` by default.
 
@@ -286,6 +307,7 @@ def fgsm(
       norm: one of ``NORMS``.
       init: one of ``"uniform"``, ``"normal"``, ``"none"`` (see ``pgd``).
       step_size: step length; ``None`` means ``eps``.
+      clip_start: clip the random start to ``[0, 1]`` (see ``pgd``).
 
     Returns:
       ``[B, ...]`` adversarial inputs behind ``lax.stop_gradient``.
@@ -313,4 +335,5 @@ def fgsm(
         steps=1 if eps > 0 else 0,
         norm=norm,
         init=init,
+        clip_start=clip_start,
     )

@@ -14,10 +14,11 @@ Conventions (PyTorch's, since the reference code is PyTorch):
 * The classifier's kernel is U(+-1/sqrt(fan_in)) (PyTorch's ``nn.Linear``
   default) and its bias is zero (as the WRN code sets it).
 * BatchNorm: momentum 0.9 in Flax's convention (``new = 0.9 * old + 0.1 *
-  batch``, i.e. PyTorch's ``momentum=0.1``), epsilon 1e-5. One difference
-  stays: PyTorch updates the running variance with the unbiased batch
-  variance (times n / (n - 1)), Flax with the biased one; for n = batch x H x W
-  values per channel this is immaterial.
+  batch``, i.e. PyTorch's ``momentum=0.1``), epsilon 1e-5. Both normalize a
+  training batch with its biased variance, but PyTorch updates the running
+  variance with the unbiased one (times n / (n - 1), n the values per channel)
+  and Flax with the biased one. ``batch_norm(..., unbiased_var=True)`` gives
+  PyTorch's update (``UnbiasedVarBatchNorm``); the default is Flax's.
 * Mixed precision: parameters are float32, activations are in the module's
   ``dtype``; BatchNorm statistics are reduced and stored in float32 (Flax's
   ``force_float32_reductions``), and the classifier head runs in float32 so
@@ -26,6 +27,7 @@ Conventions (PyTorch's, since the reference code is PyTorch):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -67,17 +69,95 @@ def conv(features: int, kernel_size: int, strides: int, dtype: Dtype, name: str)
     )
 
 
-def batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
+class UnbiasedVarBatchNorm(nn.Module):
+    """BatchNorm that updates its running variance as PyTorch does.
+
+    The forward pass is Flax's ``nn.BatchNorm`` over all axes but the last:
+    in training mode the input is normalized with the batch mean and the
+    *biased* batch variance (``E[x^2] - E[x]^2`` in float32, clipped at 0),
+    then scaled and shifted. Only the running-variance update differs:
+    ``var <- momentum * var + (1 - momentum) * var_batch * n / (n - 1)``, with
+    ``n`` the number of values per channel (batch x height x width), as
+    ``torch.nn.BatchNorm2d`` does. Under ``jax.jit`` with the batch sharded
+    over a mesh the shapes, and so ``n``, are those of the global batch.
+
+    The variables are ``nn.BatchNorm``'s (``params``: ``scale``, ``bias``;
+    ``batch_stats``: ``mean``, ``var``, all float32), so checkpoints of either
+    restore into the other.
+
+    Attributes:
+      use_running_average: normalize with the running statistics (inference)
+        instead of the batch's, and leave them unchanged.
+      momentum: decay of the running averages (Flax's convention).
+      epsilon: added to the variance before the square root.
+      dtype: dtype of the output.
+
+    Example:
+      >>> bn = UnbiasedVarBatchNorm(use_running_average=False)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> variables = bn.init(jax.random.key(0), x)
+      >>> _, updates = bn.apply(variables, x, mutable=["batch_stats"])
+      >>> updates["batch_stats"]["var"]  # 0.9 * 1 + 0.1 * 5 * 4 / 3
+      Array([1.5666666, 1.5666666], dtype=float32)
+    """
+
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            # Statistics in float32 whatever the compute dtype, one pass as Flax's.
+            x32 = x.astype(jnp.float32)
+            mean = jnp.mean(x32, axes)
+            var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axes) - jnp.square(mean))
+            if not self.is_initializing():
+                count = math.prod(x.shape[:-1])
+                if count < 2:
+                    raise ValueError(
+                        "UnbiasedVarBatchNorm needs at least 2 values per channel in training "
+                        f"mode (the unbiased variance divides by n - 1); got input shape {x.shape}."
+                    )
+                unbiased = var * (count / (count - 1))
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+        mul = jax.lax.rsqrt(var + self.epsilon) * scale
+        return ((x - mean) * mul + bias).astype(self.dtype)
+
+
+def batch_norm(
+    train: bool, dtype: Dtype, name: str, unbiased_var: bool = False
+) -> nn.BatchNorm | UnbiasedVarBatchNorm:
     """BatchNorm with PyTorch's defaults; batch statistics iff ``train``.
 
     Args:
       train: use (and update) batch statistics if True, else the running ones.
       dtype: compute dtype of the output.
       name: submodule name.
+      unbiased_var: update the running variance with the unbiased batch
+        variance, as PyTorch (``UnbiasedVarBatchNorm``), instead of the biased
+        one, as Flax. Same variables and same outputs either way.
 
     Returns:
-      An unbound ``nn.BatchNorm``.
+      An unbound ``nn.BatchNorm`` (or ``UnbiasedVarBatchNorm``).
+
+    Example:
+      >>> bn = batch_norm(True, jnp.float32, "bn1", unbiased_var=True)
     """
+    if unbiased_var:
+        return UnbiasedVarBatchNorm(
+            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+        )
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,

@@ -21,7 +21,8 @@ ApplyFn = Callable[[Mapping[str, Any], jax.Array, bool], tuple[jax.Array, Variab
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# Builders take (num_classes, dtype); wide_resnet also takes depth and width.
+# Builders take (num_classes, dtype, ..., bn_unbiased_var); wide_resnet also takes
+# depth and width, small_cnn a width.
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "preact_resnet18": preact_resnet18,
     "resnet18": resnet18,
@@ -41,6 +42,7 @@ def get_model(
     width: int = 10,
     dtype: str = "float32",
     cnn_width: int = 1,
+    bn_unbiased_var: bool = False,
 ) -> nn.Module:
     """Builds a classifier by registry name.
 
@@ -59,13 +61,18 @@ def get_model(
         BatchNorm statistics stay float32 either way.
       cnn_width: channel multiplier of ``small_cnn`` (1: 32-64 channels and a
         128-unit hidden layer); only used by ``small_cnn``.
+      bn_unbiased_var: update BatchNorm running variances with the unbiased
+        batch variance (times n / (n - 1)), as PyTorch, instead of the biased
+        one, as Flax. Outputs and variables are the same either way; only the
+        running variances (and so inference-mode outputs) differ.
 
     Returns:
       An unbound Flax module.
 
     Raises:
-      ValueError: for an unknown name or dtype, ``num_classes < 2``, or a WRN
-        depth/width that does not give a valid network.
+      ValueError: for an unknown name or dtype, ``num_classes < 2``, a WRN
+        depth/width that does not give a valid network, or a non-bool
+        ``bn_unbiased_var``.
 
     Example:
       >>> model = get_model("wide_resnet", 10, depth=34, width=10, dtype="bfloat16")
@@ -76,13 +83,15 @@ def get_model(
         raise ValueError(f"Unknown dtype {dtype!r}; accepted dtypes: {', '.join(_DTYPES)}.")
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
+    if not isinstance(bn_unbiased_var, bool):
+        raise ValueError(f"bn_unbiased_var must be True or False, got {bn_unbiased_var!r}.")
     if name == "wide_resnet":
-        return wide_resnet(num_classes, depth, width, _DTYPES[dtype])
+        return wide_resnet(num_classes, depth, width, _DTYPES[dtype], bn_unbiased_var)
     if name == "small_cnn":
         if not isinstance(cnn_width, int) or cnn_width < 1:
             raise ValueError(f"cnn_width must be a positive integer, got {cnn_width!r}.")
-        return small_cnn(num_classes, _DTYPES[dtype], cnn_width)
-    return _BUILDERS[name](num_classes, _DTYPES[dtype])
+        return small_cnn(num_classes, _DTYPES[dtype], cnn_width, bn_unbiased_var)
+    return _BUILDERS[name](num_classes, _DTYPES[dtype], bn_unbiased_var)
 
 
 def init_model(module: nn.Module, key: jax.Array, input_shape: tuple[int, int, int]) -> Variables:

@@ -27,22 +27,25 @@ class SmallCNN(nn.Module):
       num_classes: number of logits.
       dtype: compute dtype (parameters stay float32, logits are float32).
       width: channel multiplier (32w and 64w channels, 128w hidden units).
+      bn_unbiased_var: BatchNorm running variance updated as PyTorch's
+        (``layers.UnbiasedVarBatchNorm``).
     """
 
     num_classes: int
     dtype: Dtype = jnp.float32
     width: int = 1
+    bn_unbiased_var: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
         x = jnp.asarray(images, self.dtype)
         x = nn.relu(
-            batch_norm(train, self.dtype, "bn1")(
+            batch_norm(train, self.dtype, "bn1", self.bn_unbiased_var)(
                 conv(32 * self.width, 3, 2, self.dtype, "conv1")(x)
             )
         )
         x = nn.relu(
-            batch_norm(train, self.dtype, "bn2")(
+            batch_norm(train, self.dtype, "bn2", self.bn_unbiased_var)(
                 conv(64 * self.width, 3, 2, self.dtype, "conv2")(x)
             )
         )
@@ -52,15 +55,18 @@ class SmallCNN(nn.Module):
         return dense(self.num_classes, jnp.float32, "linear")(x.astype(jnp.float32))
 
 
-def small_cnn(num_classes: int, dtype: Dtype = jnp.float32, width: int = 1) -> SmallCNN:
+def small_cnn(
+    num_classes: int, dtype: Dtype = jnp.float32, width: int = 1, bn_unbiased_var: bool = False
+) -> SmallCNN:
     """The small CNN described in the module docstring.
 
     Args:
       num_classes: number of logits.
       dtype: compute dtype.
       width: channel multiplier (1: 151,402 parameters on 28x28x1, 10 classes).
+      bn_unbiased_var: BatchNorm running variance updated as PyTorch's.
 
     Returns:
       The module.
     """
-    return SmallCNN(num_classes, dtype, width)
+    return SmallCNN(num_classes, dtype, width, bn_unbiased_var)

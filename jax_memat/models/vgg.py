@@ -37,11 +37,14 @@ class VGG(nn.Module):
       cfg: channels of each conv layer, or ``"M"`` for a max pool.
       num_classes: number of logits.
       dtype: compute dtype (parameters stay float32, logits are float32).
+      bn_unbiased_var: BatchNorm running variance updated as PyTorch's
+        (``layers.UnbiasedVarBatchNorm``).
     """
 
     cfg: Sequence[int | str]
     num_classes: int
     dtype: Dtype = jnp.float32
+    bn_unbiased_var: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -53,18 +56,19 @@ class VGG(nn.Module):
             else:
                 layer += 1
                 x = conv(int(item), 3, 1, self.dtype, f"conv{layer}")(x)
-                x = nn.relu(batch_norm(train, self.dtype, f"bn{layer}")(x))
+                x = nn.relu(batch_norm(train, self.dtype, f"bn{layer}", self.bn_unbiased_var)(x))
         return pooled_logits(x, self.num_classes)
 
 
-def vgg16(num_classes: int, dtype: Dtype = jnp.float32) -> VGG:
+def vgg16(num_classes: int, dtype: Dtype = jnp.float32, bn_unbiased_var: bool = False) -> VGG:
     """VGG-16 with BatchNorm (13 convs, one linear layer).
 
     Args:
       num_classes: number of logits.
       dtype: compute dtype.
+      bn_unbiased_var: BatchNorm running variance updated as PyTorch's.
 
     Returns:
       The module (14,724,042 parameters for 10 classes).
     """
-    return VGG(VGG16_CFG, num_classes, dtype)
+    return VGG(VGG16_CFG, num_classes, dtype, bn_unbiased_var)

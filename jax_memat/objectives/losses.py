@@ -60,7 +60,9 @@ def make_objective(
         KL attack).
       apply_fn: the model function ``apply(variables, images, train)``.
       attack: the training attack (ignored by ``"standard"``). For ``"trades"``
-        its name is forced to ``"trades"`` (the KL attack from ``x + 0.001 N(0, 1)``).
+        its name is forced to ``"trades"`` (the KL attack from ``x + 0.001 N(0, 1)``,
+        clipped to ``[0, 1]`` unless ``attack.clip_start`` is False); its
+        ``eps``, ``step_size``, ``steps``, ``norm`` and ``clip_start`` are kept.
       beta: the TRADES trade-off (the paper uses 6).
       regularizer: optional ``(logits, batch) -> [B]`` penalty added to the
         training loss, on the logits the loss is computed on (for TRADES, see

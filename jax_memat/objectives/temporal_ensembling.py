@@ -1,7 +1,8 @@
 """Temporal ensembling (TE), the paper's mitigation of robust overfitting.
 
-A transform of a per-example objective (Dong et al., 2022, Sec. 5; the exact
-formulation of the authors' code, specs/paper.md):
+A transform of a per-example objective (Dong et al., "Exploring Memorization
+in Adversarial Training", ICLR 2022, Sec. 5; the exact formulation of the
+authors' released code):
 
 - a soft-label table ``S`` (N x K, zeros at first) lives in the train state;
 - from epoch ``ramp_start`` on, for each batch ``p = softmax(f(x))`` on the

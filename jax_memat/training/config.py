@@ -71,6 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.width = 10  # wide_resnet only
     c.model.cnn_width = 1  # small_cnn only: channel multiplier
     c.model.dtype = "float32"  # compute dtype; bfloat16 = mixed precision
+    # BatchNorm running variance: False = Flax's update (biased batch variance),
+    # True = PyTorch's (unbiased, times n / (n - 1)), as the authors' code.
+    c.model.bn_unbiased_var = False
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "pgd_at"
@@ -92,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.attack.step_size = 2 / 255
     c.attack.steps = 10
     c.attack.random_start = True
+    # False: leave the random start unclipped to [0, 1], as the authors' TRADES,
+    # TRADES+TE and PGD-AT+TE attacks (their plain PGD-AT attack clips it).
+    c.attack.clip_start = True
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"
@@ -229,6 +235,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             )
             positive_int(m.width, "model.width")
         positive_int(m.cnn_width, "model.cnn_width")
+        # Absent from configs saved before the option existed: Flax's update, as they ran.
+        bn_unbiased_var = m.get("bn_unbiased_var", False)
+        check(
+            isinstance(bn_unbiased_var, bool),
+            f"model.bn_unbiased_var={bn_unbiased_var!r}: use True or False.",
+        )
 
         one_of(c.objective.name, OBJECTIVE_NAMES, "objective.name")
         number(c.objective.beta, "objective.beta", 0.0, math.inf, hi_open=True)
@@ -255,6 +267,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             )
         errors.extend(threat_model_problems(a.norm, a.eps, a.step_size, prefix="attack."))
         positive_int(a.steps, "attack.steps", allow_zero=True)
+        # Absent from configs saved before the option existed: clipped, as they ran.
+        clip_start = a.get("clip_start", True)
+        check(isinstance(clip_start, bool), f"attack.clip_start={clip_start!r}: use True or False.")
 
         o = c.optimizer
         one_of(o.name, OPTIMIZER_NAMES, "optimizer.name")

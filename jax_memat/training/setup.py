@@ -90,6 +90,8 @@ def model_from_config(config, num_classes: int) -> nn.Module:
         width=config.model.width,
         dtype=config.model.dtype,
         cnn_width=config.model.cnn_width,
+        # Configs saved before these options existed ran with the defaults.
+        bn_unbiased_var=config.model.get("bn_unbiased_var", False),
     )
 
 
@@ -115,7 +117,15 @@ def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
         nesterov=config.optimizer.nesterov,
     )
     a = config.attack
-    attack = AttackSpec(a.name, a.eps, a.step_size, a.steps, a.norm, a.random_start)
+    attack = AttackSpec(
+        a.name,
+        a.eps,
+        a.step_size,
+        a.steps,
+        a.norm,
+        a.random_start,
+        clip_start=a.get("clip_start", True),
+    )
     make_loss = functools.partial(
         make_objective,
         config.objective.name,
