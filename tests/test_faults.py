@@ -353,3 +353,19 @@ def test_failed_write_at_start_leaves_no_partial_file(tmp_path):
     proc = _cli(workdir)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
+
+
+def test_run_saved_before_a_config_field_existed_resumes(tmp_path, reference):
+    """A config.json without a field added later resumes with that field's default."""
+    import json
+
+    workdir = str(tmp_path / "run")
+    _killed_in_epoch_three(workdir)
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    del saved["attack"]["clip_start"], saved["model"]["bn_unbiased_var"]
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    train_and_evaluate(tiny_config(epochs=3), workdir)
+    assert_same_run(workdir, reference)

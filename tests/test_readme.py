@@ -40,3 +40,16 @@ def test_readme_notebook_example_runs(monkeypatch, capsys):
         correct = np.argmax(np.asarray(logits), -1) == np.asarray(batch["label"])
         # Printed with one decimal: within half of 0.1 point of the true value.
         assert float(text) == pytest.approx(100 * correct.mean(), abs=0.05 + 1e-9)
+
+
+def test_ci_runs_the_readme_test_commands():
+    """.ci/run installs and tests exactly as the README's "Run the tests" block says."""
+    with open(README) as f:
+        text = f.read()
+    block = re.search(r"Run the tests.*?```bash\n(.*?)```", text, flags=re.S).group(1)
+    with open(os.path.join(os.path.dirname(README), ".ci", "run")) as f:
+        ci = f.read().splitlines()
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert lines[-1] == "python -m pytest -q"
+    for line in lines:
+        assert line in ci, line

@@ -15,6 +15,7 @@ from jax_memat.training import (
     NonFiniteLossError,
     RunCheckpoints,
     WorkdirConflictError,
+    WorkdirError,
     default_config,
     load_run,
     read_metrics,
@@ -362,8 +363,8 @@ def test_evaluate_entry_point_on_a_finished_run(tmp_path):
     proc = subprocess.run(
         [*cmd[:-1], "--checkpoint=5"], cwd=REPO, capture_output=True, text=True, timeout=300
     )
-    assert proc.returncode == 2 and "keeps no checkpoint at step 5" in proc.stderr
-    with pytest.raises(FileNotFoundError, match="keeps no checkpoint at step 5"):
+    assert proc.returncode == 3 and "keeps no 5 checkpoint" in proc.stderr
+    with pytest.raises(WorkdirError, match="keeps no 5 checkpoint"):
         run_evaluation(workdir, checkpoint=5)
     with pytest.raises(ValueError, match="attack='fgsm' is not accepted"):
         run_evaluation(workdir, attack="fgsm")

@@ -397,7 +397,10 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
       resume, and the names of differing fields that may change between a run
       and its resumption (``RESUMABLE_FIELDS``).
     """
-    saved, current = _flatten(saved), _flatten(current)
+    # A field added to the library after the run was saved takes its default, which
+    # keeps the behaviour the run was trained with.
+    saved = {**_flatten(config_to_dict(default_config())), **_flatten(saved)}
+    current = _flatten(current)
     keys = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     conflicts = [
         f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
