@@ -36,7 +36,12 @@ def get_config(arg: str | None = None):
     # As the authors' PyTorch code (see the module docstring).
     c.model.bn_unbiased_var = True
     c.attack.clip_start = objective != "trades"
-    c.dataset.label_noise = float(rate)
+    try:
+        c.dataset.label_noise = float(rate)
+    except ValueError:
+        raise ValueError(
+            f"random_labels.py: RATE must be a number in [0, 1] (e.g. 0.4); got {rate!r}."
+        ) from None
     if len(parts) == 5:
         c.dataset.image_corruption = parts[4]
     c.epochs = 300
