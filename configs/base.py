@@ -4,7 +4,7 @@ Every other config starts from this one (``jax_memat.training.default_config``).
 Run: ``python -m jax_memat.main --config=configs/base.py --workdir=...``.
 """
 
-from jax_memat.training import default_config
+from jax_memat.experiment import default_config
 
 
 def get_config(arg: str | None = None):

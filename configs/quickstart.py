@@ -9,7 +9,7 @@ PGD-20 and CW-20) on the first 1,000 training and 2,000 test images.
 Run: ``python -m jax_memat.main --config=configs/quickstart.py --workdir=workdirs/quickstart``.
 """
 
-from jax_memat.training import default_config
+from jax_memat.experiment import default_config
 
 
 def get_config(arg: str | None = None):

@@ -18,8 +18,8 @@ MODEL is a registry name or ``wrnD_W`` for a WideResNet of depth D, width W
 (capacity study: e.g. ``wrn28_1``, ``wrn28_4``). Defaults: ``cifar10,wrn28_10,pgd_at,1.0``.
 """
 
-from jax_memat.training import default_config
-from jax_memat.training.config import set_model
+from jax_memat.experiment import default_config
+from jax_memat.experiment.config import set_model
 
 
 def get_config(arg: str | None = None):

@@ -28,8 +28,8 @@ to diverge or collapse early (Rice et al., 2020, use 0.01 for SVHN for this
 reason); we follow them.
 """
 
-from jax_memat.training import default_config
-from jax_memat.training.config import set_model
+from jax_memat.experiment import default_config
+from jax_memat.experiment.config import set_model
 
 OBJECTIVES = ("pgd_at", "pgd_at_te", "trades", "trades_te")
 

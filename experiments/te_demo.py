@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import te_table  # noqa: E402
-from jax_memat.training import default_config, train_and_evaluate  # noqa: E402
+from jax_memat.experiment import default_config, train_and_evaluate  # noqa: E402
 
 
 def demo_config(

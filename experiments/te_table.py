@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jax_memat.training.metrics import describe_run, read_metrics  # noqa: E402
+from jax_memat.experiment.metrics import describe_run, read_metrics  # noqa: E402
 
 # (column name, key in final_report.json); AA comes from the evaluate JSONs.
 REPORT_METRICS = (

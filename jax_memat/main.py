@@ -15,7 +15,7 @@ stopped by SIGINT/SIGTERM, 1 unexpected error; ``--debug`` shows tracebacks.
 from absl import flags
 from ml_collections import config_flags
 
-from jax_memat import cli
+from jax_memat.experiment import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:argument]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (resumes if it holds this run).")
@@ -27,7 +27,7 @@ def main(argv):
         cli.fail(f"unexpected arguments: {argv[1:]} (flags are written --name=value).", 2)
     import jax
 
-    from jax_memat.training import train_and_evaluate
+    from jax_memat.experiment import train_and_evaluate
 
     print(f"Devices: {jax.devices()}", flush=True)
     report = train_and_evaluate(_CONFIG.value, _WORKDIR.value, handle_signals=True)

@@ -20,10 +20,11 @@ import pytest
 from jax_memat import models
 from jax_memat.attacks import AttackSpec, cross_entropy, make_attack, pgd
 from jax_memat.data import load_dataset
+from jax_memat.experiment import ConfigError, default_config, validate_config
+from jax_memat.experiment.setup import build_run
 from jax_memat.models.layers import UnbiasedVarBatchNorm
-from jax_memat.training import ConfigError, default_config, make_mesh, validate_config
-from jax_memat.training.mesh import batch_sharded, replicated
-from jax_memat.training.setup import build_run
+from jax_memat.parallel import batch_sharded, replicated
+from jax_memat.training import make_mesh
 from tests.helpers import F32_EPS, mlp_apply, train_mlp
 
 IMAGE_SHAPE = (4, 4, 2)

@@ -22,7 +22,7 @@ from jax_memat.attacks.autoattack import (
     fab_targeted,
     square_attack,
 )
-from jax_memat.training.mesh import make_mesh
+from jax_memat.parallel import make_mesh
 from tests.helpers import mlp_apply, train_mlp
 
 # A lowering happens on every (re)compilation, also when the persistent

@@ -2,7 +2,7 @@
 
 Every row runs the real entry point in a subprocess and checks that it ends
 with one ``error:`` message naming what is wrong and what is accepted, the
-documented exit code (``jax_memat.training.errors``), no traceback, and a
+documented exit code (``jax_memat.experiment.errors``), no traceback, and a
 workdir byte-identical to what it was before.
 """
 
@@ -15,8 +15,8 @@ import tempfile
 
 import pytest
 
-from jax_memat.training import train_and_evaluate
-from jax_memat.training.workdir import WorkdirLock
+from jax_memat.experiment import train_and_evaluate
+from jax_memat.experiment.workdir import WorkdirLock
 from tests.test_faults import snapshot
 from tests.test_run import REPO, tiny_config
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from jax_memat.training import ConfigError, validate_config
+from jax_memat.experiment import ConfigError, validate_config
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 

@@ -18,7 +18,7 @@ import scipy.io
 
 from jax_memat import data
 from jax_memat.data import cifar, sources, svhn
-from jax_memat.training.config import ConfigError, default_config, validate_config
+from jax_memat.experiment.config import ConfigError, default_config, validate_config
 
 CIFAR10_TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]
 CIFAR10_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()

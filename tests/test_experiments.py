@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import te_table  # noqa: E402
-from jax_memat.training import train_and_evaluate  # noqa: E402
+from jax_memat.experiment import train_and_evaluate  # noqa: E402
 from tests.test_run import tiny_config  # noqa: E402
 
 # tiny_config evaluates the first 40 test images; its attack is L-inf eps 0.1.

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jax_memat.training import (
+from jax_memat.experiment import (
     CorruptFileError,
     ResourceError,
     RunCheckpoints,
@@ -35,8 +35,8 @@ from jax_memat.training import (
     read_metrics,
     train_and_evaluate,
 )
-from jax_memat.training.metrics import TIMING_FIELDS
-from jax_memat.training.workdir import WorkdirLock
+from jax_memat.experiment.metrics import TIMING_FIELDS
+from jax_memat.experiment.workdir import WorkdirLock
 from tests.test_run import REPO, tiny_config
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +47,7 @@ class _Kill(Exception):
 
 
 def _kill_at(step_to_kill):
-    def hook(step, state):
+    def hook(step, state, metrics, per_example):
         if step == step_to_kill:
             raise _Kill
 
@@ -168,14 +168,14 @@ if {when!r} == "before_commit":
         return _rename(src, dst, *a, **k)
     os.rename = rename
 else:
-    import jax_memat.training.checkpoints as c
+    import jax_memat.experiment.checkpoints as c
     _write = c.write_json
     def write_json(path, obj):
         if "latest/3/" in path:
             os.kill(os.getpid(), signal.SIGKILL)
         return _write(path, obj)
     c.write_json = write_json
-from jax_memat.training import train_and_evaluate
+from jax_memat.experiment import train_and_evaluate
 train_and_evaluate(tiny_config(epochs=3), {workdir!r})
 """
     )
@@ -201,7 +201,7 @@ def test_save_failure_surfaces_at_the_save_that_failed(tmp_path, monkeypatch):
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     with pytest.raises(ResourceError) as err:
         train_and_evaluate(
-            tiny_config(epochs=3), workdir, hooks=[lambda step, state: steps_run.append(step)]
+            tiny_config(epochs=3), workdir, hooks=[lambda step, *_: steps_run.append(step)]
         )
     assert "checkpoint of epoch 2" in str(err.value) and "No space left" in str(err.value)
     assert "The last finished epoch before it (1) is kept" in str(err.value)
@@ -288,7 +288,9 @@ def test_second_run_on_a_locked_workdir_is_refused(tmp_path):
 def test_stale_lock_of_a_dead_process_does_not_block(tmp_path):
     workdir = str(tmp_path / "run")
     # A process that took the lock and died: its lock file stays, its flock is gone.
-    code = f"from jax_memat.training.workdir import WorkdirLock; WorkdirLock({workdir!r}).acquire()"
+    code = (
+        f"from jax_memat.experiment.workdir import WorkdirLock; WorkdirLock({workdir!r}).acquire()"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
     assert os.path.exists(os.path.join(workdir, ".lock"))
     report = train_and_evaluate(tiny_config(epochs=1), workdir)

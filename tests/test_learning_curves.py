@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from jax_memat.training import default_config
-from jax_memat.training.metrics import (
+from jax_memat.experiment import default_config
+from jax_memat.experiment.metrics import (
     accuracy_limits,
     curve_labels,
     describe_run,

@@ -6,15 +6,9 @@ import pytest
 
 from jax_memat.attacks.autoattack import autoattack
 from jax_memat.data import load_dataset
+from jax_memat.evaluation import evaluate, make_eval_fn
 from jax_memat.models import get_model, make_apply_fn
-from jax_memat.training import (
-    create_train_state,
-    evaluate,
-    make_eval_fn,
-    make_mesh,
-    make_optimizer,
-    replicate,
-)
+from jax_memat.training import create_train_state, make_mesh, make_optimizer, replicate
 from tests.helpers import mlp_apply, train_mlp
 
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from jax_memat.training import (
+from jax_memat.experiment import (
     ConfigError,
     NonFiniteLossError,
     RunCheckpoints,
@@ -21,7 +21,7 @@ from jax_memat.training import (
     read_metrics,
     train_and_evaluate,
 )
-from jax_memat.training.metrics import TIMING_FIELDS
+from jax_memat.experiment.metrics import TIMING_FIELDS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +79,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, te):
 
     resumed = str(tmp_path / "resumed")
 
-    def kill_in_epoch_two(step, state):
+    def kill_in_epoch_two(step, state, metrics, per_example):
         if step == 5:  # epoch 2 of 3 steps each: after epoch 1's checkpoint
             raise _Kill
 
@@ -94,7 +94,10 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, te):
     run_a, run_b = load_run(full, "final"), load_run(resumed, "final")
     assert run_a.meta["epoch"] == run_b.meta["epoch"] == 3
     if te:  # The soft-label table was filled during epochs 2-3 and survived resumption.
-        assert float(np.abs(run_b.state.extra["te_soft_labels"]).sum()) > 0
+        assert (
+            float(np.abs(run_b.state.objective_state["temporal_ensembling"]["soft_labels"]).sum())
+            > 0
+        )
     for a, b in zip(jax.tree.leaves(run_a.state), jax.tree.leaves(run_b.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -248,7 +251,7 @@ def test_workdir_of_another_config_is_left_untouched(tmp_path):
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     import optax
 
-    from jax_memat.training import setup
+    from jax_memat.experiment import setup
 
     # A learning rate that explodes in the second epoch drives the loss to Inf/NaN.
     def exploding(name, learning_rate, *, steps_per_epoch, **kwargs):

@@ -1,6 +1,5 @@
 """Temporal ensembling: ramp, regularizer, table updates, composition, devices."""
 
-import functools
 import math
 
 import jax
@@ -11,14 +10,14 @@ import pytest
 from jax_memat.attacks import AttackSpec
 from jax_memat.models import get_model, make_apply_fn
 from jax_memat.objectives import (
-    SOFT_LABELS,
-    init_soft_labels,
+    StepInfo,
     make_objective,
     ramp,
     te_penalty,
     update_soft_labels,
     with_temporal_ensembling,
 )
+from jax_memat.objectives.temporal_ensembling import NAME, SOFT_LABELS
 from jax_memat.training import (
     create_train_state,
     make_mesh,
@@ -65,14 +64,7 @@ def test_table_update_touches_only_batch_rows_and_normalizes():
 def _setup(seed=0):
     module = get_model("small_cnn", K)
     apply_fn = make_apply_fn(module)
-    state = create_train_state(
-        module,
-        jax.random.key(seed),
-        (8, 8, 1),
-        make_optimizer("sgd", 0.1),
-        None,
-        extra=init_soft_labels(N, K),
-    )
+    state = create_train_state(module, jax.random.key(seed), (8, 8, 1), make_optimizer("sgd", 0.1))
     rng = np.random.default_rng(seed)
     batch = {
         "image": jnp.asarray(rng.uniform(size=(8, 8, 8, 1)), jnp.float32),
@@ -81,28 +73,31 @@ def _setup(seed=0):
     }
     # Pretend the table already holds some history.
     table = jnp.asarray(rng.uniform(size=(N, K)), jnp.float32)
-    return apply_fn, state, batch, {SOFT_LABELS: table}
+    return apply_fn, state, batch, table
 
 
-def _ctx(batch, extra, step):
-    return {**batch, "step": jnp.asarray(step), "extra": extra}
+def _info(step, key, steps_per_epoch=5):
+    return StepInfo(
+        step=jnp.int32(step), epoch=jnp.int32(step // steps_per_epoch + 1), key=jax.random.key(key)
+    )
+
+
+def _te_state(table, inner=None):
+    return {NAME: {SOFT_LABELS: table}, "inner": {} if inner is None else inner}
 
 
 @pytest.mark.parametrize("objective", ["pgd_at", "trades"])
 def test_weight_zero_is_exactly_the_base_loss_and_gradient(objective):
-    apply_fn, state, batch, extra = _setup()
-    base = functools.partial(make_objective, objective, apply_fn, ATTACK)
-    te = with_temporal_ensembling(
-        base, apply_fn, steps_per_epoch=5, weight=0.0, ramp_start=1, ramp_end=2
-    )
-    key = jax.random.key(7)
-    ctx = _ctx(batch, extra, 12)
+    apply_fn, state, batch, table = _setup()
+    base = make_objective(objective, apply_fn, ATTACK)
+    te = with_temporal_ensembling(base, apply_fn, weight=0.0, ramp_start=1, ramp_end=2)
+    info = _info(12, 7)
 
-    def mean_of(loss_fn):
-        return lambda p: jnp.mean(loss_fn(p, state.model_state, ctx, key)[0])
+    def mean_of(obj, obj_state):
+        return lambda p: jnp.mean(obj.loss(p, state.model_state, obj_state, batch, info)[0])
 
-    lb, gb = jax.value_and_grad(mean_of(base()))(state.params)
-    lt, gt = jax.value_and_grad(mean_of(te))(state.params)
+    lb, gb = jax.value_and_grad(mean_of(base, {}))(state.params)
+    lt, gt = jax.value_and_grad(mean_of(te, _te_state(table)))(state.params)
     assert float(lb) == float(lt)
     for a, b in zip(jax.tree.leaves(gb), jax.tree.leaves(gt), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -114,45 +109,56 @@ def test_weight_zero_is_exactly_the_base_loss_and_gradient(objective):
 )
 def test_composes_with_objectives(objective, output):
     """TE loss = base loss + w(t) * mean_k (softmax(z) - q)^2, q from the updated table."""
-    apply_fn, state, batch, extra = _setup(1)
-    base = functools.partial(make_objective, objective, apply_fn, ATTACK, regularizer_output=output)
+    apply_fn, state, batch, table = _setup(1)
+    base = make_objective(objective, apply_fn, ATTACK)
     te = with_temporal_ensembling(
         base,
         apply_fn,
-        steps_per_epoch=5,
         weight=300.0,
         ramp_start=2,
         ramp_end=4,
         regularize_attack=False,
+        output=output,
     )
-    key = jax.random.key(3)
-    step = 12  # epoch 3: ramp exp(-5 (1 - 1/2)^2)
-    loss_b, aux_b = base()(state.params, state.model_state, _ctx(batch, extra, step), key)
-    loss_t, aux_t = te(state.params, state.model_state, _ctx(batch, extra, step), key)
+    info = _info(12, 3)  # epoch 3: ramp exp(-5 (1 - 1/2)^2)
+    loss_b, aux_b = base.loss(state.params, state.model_state, {}, batch, info)
+    loss_t, aux_t = te.loss(state.params, state.model_state, _te_state(table), batch, info)
 
     clean, _ = apply_fn(state.variables, batch["image"], False)
-    rows = 0.9 * extra[SOFT_LABELS][batch["index"]] + 0.1 * jax.nn.softmax(clean)
+    rows = 0.9 * table[batch["index"]] + 0.1 * jax.nn.softmax(clean)
     q = rows / rows.sum(-1, keepdims=True)
     w = 300.0 * math.exp(-5 * 0.25)
     key_logits = "logits_natural" if objective == "trades" and output == "natural" else "logits"
-    z = aux_b["per_example"][key_logits]
+    z = aux_b.per_example[key_logits]
     expected = loss_b + w * jnp.mean((jax.nn.softmax(z) - q) ** 2, -1)
     np.testing.assert_allclose(loss_t, expected, rtol=1e-5, atol=1e-6)
-    table = aux_t["extra"][SOFT_LABELS]
-    np.testing.assert_allclose(table[batch["index"]], rows, rtol=1e-6)
+    new_table = aux_t.objective_state[NAME][SOFT_LABELS]
+    np.testing.assert_allclose(new_table[batch["index"]], rows, rtol=1e-6)
     mask = np.ones(N, bool)
     mask[np.asarray(batch["index"])] = False
-    np.testing.assert_array_equal(np.asarray(table)[mask], np.asarray(extra[SOFT_LABELS])[mask])
+    np.testing.assert_array_equal(np.asarray(new_table)[mask], np.asarray(table)[mask])
+    assert aux_t.objective_state["inner"] == {}
 
 
 def test_no_update_before_ramp_start():
-    apply_fn, state, batch, extra = _setup(2)
-    base = functools.partial(make_objective, "pgd_at", apply_fn, ATTACK)
-    te = with_temporal_ensembling(base, apply_fn, steps_per_epoch=5, ramp_start=3, ramp_end=4)
-    loss_b, _ = base()(state.params, state.model_state, batch, jax.random.key(0))
-    loss_t, aux = te(state.params, state.model_state, _ctx(batch, extra, 9), jax.random.key(0))
-    np.testing.assert_array_equal(aux["extra"][SOFT_LABELS], extra[SOFT_LABELS])
+    apply_fn, state, batch, table = _setup(2)
+    base = make_objective("pgd_at", apply_fn, ATTACK)
+    te = with_temporal_ensembling(base, apply_fn, ramp_start=3, ramp_end=4)
+    info = _info(9, 0)  # epoch 2
+    loss_b, _ = base.loss(state.params, state.model_state, {}, batch, info)
+    loss_t, aux = te.loss(state.params, state.model_state, _te_state(table), batch, info)
+    np.testing.assert_array_equal(aux.objective_state[NAME][SOFT_LABELS], table)
     np.testing.assert_array_equal(loss_b, loss_t)
+
+
+def test_needs_its_state_and_the_epoch():
+    apply_fn, state, batch, table = _setup(2)
+    te = with_temporal_ensembling(make_objective("pgd_at", apply_fn, ATTACK), apply_fn)
+    with pytest.raises(ValueError, match="objective_state=objective.init"):
+        te.loss(state.params, state.model_state, {}, batch, _info(9, 0))
+    no_epoch = StepInfo(step=jnp.int32(9), epoch=None, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        te.loss(state.params, state.model_state, _te_state(table), batch, no_epoch)
 
 
 def _te_steps(devices, num_steps=3):
@@ -160,14 +166,17 @@ def _te_steps(devices, num_steps=3):
     module = get_model("small_cnn", K)
     apply_fn = make_apply_fn(module)
     tx = make_optimizer("sgd", 0.05, momentum=0.9)
+    objective = with_temporal_ensembling(
+        make_objective("pgd_at", apply_fn, ATTACK),
+        apply_fn,
+        ramp_start=1,
+        ramp_end=2,
+        weight=30.0,
+    )
     state = create_train_state(
-        module, jax.random.key(0), (8, 8, 1), tx, mesh, extra=init_soft_labels(N, K)
+        module, jax.random.key(0), (8, 8, 1), tx, mesh, objective_state=objective.init(N, K)
     )
-    base = functools.partial(make_objective, "pgd_at", apply_fn, ATTACK)
-    loss_fn = with_temporal_ensembling(
-        base, apply_fn, steps_per_epoch=1, ramp_start=1, ramp_end=2, weight=30.0
-    )
-    step = make_train_step(loss_fn, tx, mesh)
+    step = make_train_step(objective, tx, mesh, steps_per_epoch=1)
     rng = np.random.default_rng(0)
     for i in range(num_steps):
         batch = {
@@ -181,7 +190,8 @@ def _te_steps(devices, num_steps=3):
 
 def test_eight_devices_give_the_same_table_and_step_as_one():
     s8, s1 = _te_steps(jax.devices()), _te_steps(jax.devices()[:1])
-    t8, t1 = s8.extra[SOFT_LABELS], s1.extra[SOFT_LABELS]
+    t8 = s8.objective_state[NAME][SOFT_LABELS]
+    t1 = s1.objective_state[NAME][SOFT_LABELS]
     assert np.abs(t1).sum() > 0
     np.testing.assert_allclose(t8, t1, rtol=1e-5, atol=1e-7)
     for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params), strict=True):
@@ -189,11 +199,12 @@ def test_eight_devices_give_the_same_table_and_step_as_one():
 
 
 def test_bad_te_arguments():
-    base = functools.partial(make_objective, "pgd_at", lambda v, x, t: (x, {}), ATTACK)
-    kwargs = {"steps_per_epoch": 1}
-    with pytest.raises(ValueError, match="momentum must be in"):
-        with_temporal_ensembling(base, None, momentum=1.0, **kwargs)
-    with pytest.raises(ValueError, match="ramp_start < ramp_end"):
-        with_temporal_ensembling(base, None, ramp_start=5, ramp_end=5, **kwargs)
-    with pytest.raises(ValueError, match="weight must be >= 0"):
-        with_temporal_ensembling(base, None, weight=-1.0, **kwargs)
+    base = make_objective("pgd_at", lambda v, x, t: (x, {}), ATTACK)
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\), got 1.0"):
+        with_temporal_ensembling(base, None, momentum=1.0)
+    with pytest.raises(ValueError, match="1 <= ramp_start < ramp_end, got 5 and 5"):
+        with_temporal_ensembling(base, None, ramp_start=5, ramp_end=5)
+    with pytest.raises(ValueError, match="weight must be a finite number >= 0, got -1.0"):
+        with_temporal_ensembling(base, None, weight=-1.0)
+    with pytest.raises(ValueError, match="output='logits' is not accepted"):
+        with_temporal_ensembling(base, None, output="logits")

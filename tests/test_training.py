@@ -8,12 +8,11 @@ import pytest
 
 from jax_memat.attacks import AttackSpec
 from jax_memat.data import load_dataset
+from jax_memat.evaluation import evaluate, make_eval_fn
 from jax_memat.models import get_model, make_apply_fn
 from jax_memat.objectives import make_objective
 from jax_memat.training import (
     create_train_state,
-    evaluate,
-    make_eval_fn,
     make_mesh,
     make_optimizer,
     make_schedule,

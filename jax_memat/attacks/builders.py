@@ -93,13 +93,9 @@ class AttackSpec:
             raise ValueError(f"random_start must be True or False, got {self.random_start!r}")
         if not isinstance(self.clip_start, bool):
             raise ValueError(f"clip_start must be True or False, got {self.clip_start!r}")
-        if (
-            isinstance(self.eps, bool)
-            or not isinstance(self.eps, numbers.Real)
-            or not math.isfinite(self.eps)
-            or self.eps < 0
-        ):
-            raise ValueError(f"eps must be a finite float >= 0, got {self.eps!r}")
+        problem = core.eps_problem(self.eps, self.norm)
+        if problem:
+            raise ValueError(problem)
         if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
             raise ValueError(f"steps must be an int >= 0, got {self.steps!r}")
         if self.name == "fgsm":

@@ -65,6 +65,73 @@ def _check_norm(norm: str) -> None:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
+def eps_problem(eps: object, norm: str, *, positive: bool = False) -> str:
+    """What is wrong with a radius (``""`` when nothing): the one rule for ``eps``.
+
+    Config validation, ``AttackSpec``, every attack function, AutoAttack and the
+    evaluate CLI all check ``eps`` with this rule and its words: a Python
+    number (it shapes the computation, so it must be known before tracing),
+    finite, ``>= 0`` (``> 0`` with ``positive``, as AutoAttack needs), and under
+    L-inf at most 1, since images live in [0, 1] (a larger value is almost
+    surely a unit mistake, 8 for 8/255).
+    """
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        return f"eps must be a Python float, got {eps!r} ({type(eps).__name__})"
+    if not math.isfinite(eps):
+        return f"eps must be finite, got {eps}"
+    low_ok = eps > 0 if positive else eps >= 0
+    if norm == "linf":
+        if not (low_ok and eps <= 1):
+            bracket = "(0" if positive else "[0"
+            return (
+                f"eps must be in {bracket}, 1] under L-inf (images are in [0, 1]; the paper's "
+                f"radius is 8/255 = 0.0314), got {eps}"
+            )
+    elif not low_ok:
+        return f"eps must be {'> 0' if positive else '>= 0'}, got {eps}"
+    return ""
+
+
+def step_size_problem(step_size: object) -> str:
+    """What is wrong with a step size (``""`` when nothing): a finite number > 0."""
+    if (
+        isinstance(step_size, bool)
+        or not isinstance(step_size, numbers.Real)
+        or not math.isfinite(step_size)
+        or step_size <= 0
+    ):
+        return f"step_size must be a finite float > 0, got {step_size!r}"
+    return ""
+
+
+def threat_model_problems(
+    norm: object, eps: object, step_size: object = None, *, prefix: str = ""
+) -> list[str]:
+    """Every problem of a threat model, each naming its field (``prefix`` + name).
+
+    Args:
+      norm: ``"linf"`` or ``"l2"``.
+      eps: the radius (``eps_problem``'s rule).
+      step_size: checked when not None (``step_size_problem``'s rule).
+      prefix: put before each field name, e.g. ``"attack."`` for a config.
+
+    Returns:
+      A list of messages; empty when the threat model is valid.
+
+    Example:
+      >>> threat_model_problems("linf", 8.0, 2 / 255, prefix="attack.")
+      ['attack.eps must be in [0, 1] under L-inf (...), got 8.0']
+    """
+    problems = []
+    if norm not in NORMS:
+        problems.append(f"norm must be one of {NORMS}, got {norm!r}")
+    else:
+        problems.append(eps_problem(eps, norm))
+    if step_size is not None:
+        problems.append(step_size_problem(step_size))
+    return [prefix + p for p in problems if p]
+
+
 def _check_real(name: str, value: object) -> float:
     # numbers.Real covers Python and NumPy scalars but not JAX arrays: these
     # values shape the computation and must be known before tracing.
@@ -83,9 +150,10 @@ def _check_args(
     _check_norm(norm)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    eps = _check_real("eps", eps)
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    problem = eps_problem(eps, norm)
+    if problem:
+        raise ValueError(problem)
+    eps = float(eps)
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     steps = int(steps)

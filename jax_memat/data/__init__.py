@@ -38,6 +38,7 @@ from jax_memat.data.pipeline import (
     epoch_permutation,
     eval_batches,
     make_batch,
+    make_batch_fn,
     steps_per_epoch,
     train_batch_indices,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "eval_batches",
     "load_dataset",
     "make_batch",
+    "make_batch_fn",
     "make_synthetic",
     "read_cifar_binary",
     "read_idx",

@@ -14,13 +14,17 @@ change, so the step compiles once:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh
 
 from jax_memat.data import _random
+from jax_memat.parallel import batch_sharded, replicated
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -236,3 +240,35 @@ def _check_crop_padding(crop_padding: int) -> None:
         or crop_padding < 0
     ):
         raise ValueError(f"crop_padding must be a non-negative int; got {crop_padding!r}.")
+
+
+def make_batch_fn(
+    mesh: Mesh,
+    key: jax.Array,
+    *,
+    augment: bool,
+    crop_padding: int = 4,
+    flip: bool = True,
+) -> Callable[[jax.Array, jax.Array, Any, Any], dict]:
+    """Jitted ``batch_fn(images_u8, labels, indices, step) -> batch`` on the devices.
+
+    Gathers the rows ``indices`` of the device-resident uint8 dataset, scales to
+    [0, 1] and augments with a key ``fold_in(key, step)``, so the data never
+    leaves the accelerators and augmentation is reproducible from the step.
+    """
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+
+    def batch_fn(images, labels, indices, step):
+        return make_batch(
+            images,
+            labels,
+            indices,
+            jax.random.fold_in(key, step),
+            augment=augment,
+            crop_padding=crop_padding,
+            flip=flip,
+        )
+
+    rep, split = replicated(mesh), batch_sharded(mesh)
+    return jax.jit(batch_fn, in_shardings=(rep, rep, split, rep), out_shardings=split)

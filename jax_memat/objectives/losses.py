@@ -1,33 +1,35 @@
 """Standard training, PGD-AT (Madry et al., 2018) and TRADES (Zhang et al., 2019).
 
-Each builder returns a per-example loss ``loss_fn(params, model_state, batch,
-key) -> (loss[B], aux)``. The adversarial example is crafted with BatchNorm in
-inference mode and never changes the model state; the update's forward pass uses
-training mode (the authors' code does the same: ``model.eval()`` while
-attacking, ``model.train()`` for the loss).
+``make_objective`` returns an ``Objective`` (``objectives/base.py``) without
+state of its own. The adversarial example is crafted with BatchNorm in
+inference mode and never changes the model state; the update's forward pass
+uses training mode (the authors' code does the same: ``model.eval()`` while
+attacking, ``model.train()`` for the loss). Regularizers handed in by
+transforms through ``StepInfo`` are added to the training loss and, where
+marked, to the attack objective.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+import math
+import numbers
 
 import jax
-import jax.numpy as jnp
 
 from jax_memat.attacks import AttackSpec, make_attack
 from jax_memat.attacks.losses import cross_entropy, kl_divergence
+from jax_memat.objectives.base import (
+    ApplyFn,
+    LossAux,
+    Objective,
+    StepInfo,
+    add_regularizers,
+    regularizer_sum,
+    stateless_init,
+)
 
 OBJECTIVE_NAMES = ("standard", "pgd_at", "trades")
-
-# apply(variables, images, train) -> (logits, new_model_state)
-ApplyFn = Callable[[Any, jax.Array, bool], tuple[jax.Array, Any]]
-# loss_fn(params, model_state, batch, key) -> (per_example_loss[B], aux)
-LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
-# regularizer(logits, batch) -> per-example penalty [B]; added to the attack
-# objective and to the training loss (the hook temporal ensembling plugs into).
-Regularizer = Callable[[jax.Array, dict], jax.Array]
 
 
 def validate_objective_name(name: str) -> None:
@@ -38,7 +40,16 @@ def validate_objective_name(name: str) -> None:
         )
 
 
-REGULARIZER_OUTPUTS = ("natural", "adversarial")
+def beta_problem(beta: object) -> str:
+    """What is wrong with a TRADES beta (``""`` when nothing): a finite number >= 0.
+
+    The one rule, used by ``make_objective`` and config validation.
+    """
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta):
+        return f"beta must be a finite number >= 0, got {beta!r}"
+    if beta < 0:
+        return f"beta must be a finite number >= 0, got {beta!r}"
+    return ""
 
 
 def make_objective(
@@ -47,10 +58,7 @@ def make_objective(
     attack: AttackSpec | None = None,
     *,
     beta: float = 6.0,
-    regularizer: Regularizer | None = None,
-    attack_regularizer: Regularizer | None = None,
-    regularizer_output: str = "natural",
-) -> LossFn:
+) -> Objective:
     """Builds a per-example training objective.
 
     Args:
@@ -63,92 +71,81 @@ def make_objective(
         its name is forced to ``"trades"`` (the KL attack from ``x + 0.001 N(0, 1)``,
         clipped to ``[0, 1]`` unless ``attack.clip_start`` is False); its
         ``eps``, ``step_size``, ``steps``, ``norm`` and ``clip_start`` are kept.
-      beta: the TRADES trade-off (the paper uses 6).
-      regularizer: optional ``(logits, batch) -> [B]`` penalty added to the
-        training loss, on the logits the loss is computed on (for TRADES, see
-        ``regularizer_output``). Temporal ensembling plugs in here.
-      attack_regularizer: optional ``(logits, batch) -> [B]`` penalty added to
-        the attack objective, on the logits at the adversarial point. For
-        TRADES it is divided by ``beta`` so the attack ascends
-        ``beta * KL + R``, as the authors' ``(beta / B) KL_sum + R``.
-      regularizer_output: TRADES only: ``"natural"`` (the authors' code) or
-        ``"adversarial"``, the logits ``regularizer`` sees.
+      beta: the TRADES trade-off (the paper uses 6). A regularizer in the
+        TRADES attack objective is divided by ``beta`` (the attack ascends
+        ``KL + R / beta``, i.e. ``beta * KL + R``, as the authors' ``(beta / B)
+        KL_sum + R``), so it needs ``beta > 0``.
 
     Returns:
-      ``loss_fn(params, model_state, batch, key) -> (per_example_loss, aux)``
-      with ``aux = {"model_state": ..., "per_example": {"logits": ...}}``; the
-      logits are those the model was trained on (adversarial for PGD-AT, natural
-      for standard training, adversarial for TRADES, with the natural ones under
-      ``"logits_natural"``).
+      An ``Objective`` with state ``{}``; its ``aux.per_example["logits"]``
+      are the logits trained on (adversarial for PGD-AT and TRADES; TRADES
+      adds ``"logits_natural"``).
 
     Example:
-      >>> loss_fn = make_objective("pgd_at", apply_fn, AttackSpec("pgd", 8/255, 2/255, 10))
-      >>> per_example, aux = loss_fn(params, model_state, batch, key)
+      >>> objective = make_objective("pgd_at", apply_fn, AttackSpec("pgd", 8/255, 2/255, 10))
+      >>> state = objective.init(50_000, 10)
+      >>> loss, aux = objective.loss(params, model_state, state, batch, info)
     """
     validate_objective_name(name)
     if name != "standard":
         if attack is None:
             raise ValueError(f"Objective {name!r} needs an attack spec; got None.")
         attack.validate()
-    if beta < 0:
-        raise ValueError(f"TRADES beta must be >= 0; got {beta}.")
-    if regularizer_output not in REGULARIZER_OUTPUTS:
-        raise ValueError(
-            f"regularizer_output={regularizer_output!r} is not accepted; "
-            f"use one of {REGULARIZER_OUTPUTS}."
-        )
-    if name == "trades" and attack_regularizer is not None and beta == 0:
-        raise ValueError("A TRADES attack regularizer is scaled by 1/beta; beta must be > 0.")
+    problem = beta_problem(beta)
+    if problem:
+        raise ValueError(f"TRADES {problem}.")
 
-    def penalty(logits: jax.Array, batch: dict) -> jax.Array:
-        if regularizer is None:
-            return jnp.zeros(logits.shape[0], jnp.float32)
-        return regularizer(logits, batch)
+    def variables_of(params, model_state):
+        return {"params": params, **model_state}
 
-    def craft(run_attack, variables, batch: dict, key, scale: float = 1.0) -> jax.Array:
-        """Adversarial inputs (model state untouched), with the attack regularizer if any."""
+    def craft(run_attack, variables, batch: dict, info: StepInfo, scale: float = 1.0):
+        """Adversarial inputs (model state untouched), with the attack regularizers if any."""
         extra = None
-        if attack_regularizer is not None:
-            extra = lambda logits: attack_regularizer(logits, batch) / scale  # noqa: E731
+        if any(r.attack for r in info.regularizers):
+
+            def extra(logits):
+                return regularizer_sum(info, logits, attack=True) / scale
+
         return run_attack(
             apply_fn,
             jax.lax.stop_gradient(variables),
             batch["image"],
             batch["label"],
-            key,
+            info.key,
             objective_extra=extra,
         )
 
-    def variables_of(params, model_state):
-        return {"params": params, **model_state}
-
     if name == "standard":
 
-        def standard_loss(params, model_state, batch, key):
-            del key
+        def standard_loss(params, model_state, state, batch, info):
             logits, new_state = apply_fn(variables_of(params, model_state), batch["image"], True)
-            loss = cross_entropy(logits, batch["label"]) + penalty(logits, batch)
-            return loss, {"model_state": new_state, "per_example": {"logits": logits}}
+            loss = add_regularizers(cross_entropy(logits, batch["label"]), info, logits)
+            return loss, LossAux(new_state, state, {"logits": logits})
 
-        return standard_loss
+        return Objective(stateless_init, standard_loss)
 
     if name == "pgd_at":
         run_attack = make_attack(attack)
 
-        def pgd_at_loss(params, model_state, batch, key):
+        def pgd_at_loss(params, model_state, state, batch, info):
             variables = variables_of(params, model_state)
-            x_adv = craft(run_attack, variables, batch, key)
+            x_adv = craft(run_attack, variables, batch, info)
             logits, new_state = apply_fn(variables, x_adv, True)
-            loss = cross_entropy(logits, batch["label"]) + penalty(logits, batch)
-            return loss, {"model_state": new_state, "per_example": {"logits": logits}}
+            loss = add_regularizers(cross_entropy(logits, batch["label"]), info, logits)
+            return loss, LossAux(new_state, state, {"logits": logits})
 
-        return pgd_at_loss
+        return Objective(stateless_init, pgd_at_loss)
 
     run_trades_attack = make_attack(dataclasses.replace(attack, name="trades"))
 
-    def trades_loss(params, model_state, batch, key):
+    def trades_loss(params, model_state, state, batch, info):
+        if beta == 0 and any(r.attack for r in info.regularizers):
+            raise ValueError(
+                "A regularizer in the TRADES attack objective is scaled by 1/beta; beta must "
+                "be > 0 (or the regularizer must leave the attack alone)."
+            )
         variables = variables_of(params, model_state)
-        x_adv = craft(run_trades_attack, variables, batch, key, beta)
+        x_adv = craft(run_trades_attack, variables, batch, info, beta)
         # Two training-mode passes, natural then adversarial, exactly as the
         # TRADES code: BatchNorm running statistics are updated by both.
         logits_nat, state_nat = apply_fn(variables, batch["image"], True)
@@ -156,11 +153,9 @@ def make_objective(
         loss = cross_entropy(logits_nat, batch["label"]) + beta * kl_divergence(
             logits_nat, logits_adv
         )
-        regularized = logits_nat if regularizer_output == "natural" else logits_adv
-        loss = loss + penalty(regularized, batch)
-        return loss, {
-            "model_state": new_state,
-            "per_example": {"logits": logits_adv, "logits_natural": logits_nat},
-        }
+        loss = add_regularizers(loss, info, logits_nat, output="natural")
+        loss = add_regularizers(loss, info, logits_adv, output="adversarial")
+        per_example = {"logits": logits_adv, "logits_natural": logits_nat}
+        return loss, LossAux(new_state, state, per_example)
 
-    return trades_loss
+    return Objective(stateless_init, trades_loss)

@@ -1,39 +1,45 @@
 """Temporal ensembling (TE), the paper's mitigation of robust overfitting.
 
-A transform of a per-example objective (Dong et al., "Exploring Memorization
-in Adversarial Training", ICLR 2022, Sec. 5; the exact formulation of the
+A transform of any ``Objective`` (Dong et al., "Exploring Memorization in
+Adversarial Training", ICLR 2022, Sec. 5; the exact formulation of the
 authors' released code):
 
-- a soft-label table ``S`` (N x K, zeros at first) lives in the train state;
+- a soft-label table ``S`` (N x K, zeros at first) is the transform's own
+  state, ``state["temporal_ensembling"]["soft_labels"]``;
 - from epoch ``ramp_start`` on, for each batch ``p = softmax(f(x))`` on the
   clean inputs with BatchNorm in inference mode, and
   ``S[idx] <- momentum * S[idx] + (1 - momentum) * p``;
 - the target is ``q = S[idx] / sum_k S[idx, k]`` (the updated rows);
 - the regularizer is ``R = w(t) * mean over batch and classes of
   (softmax(logits) - q)^2`` with ``w(t) = weight * ramp(t)``, ``t`` the 1-based
-  epoch, ``ramp(t) = 0`` before ``ramp_start``,
+  epoch (``StepInfo.epoch``), ``ramp(t) = 0`` before ``ramp_start``,
   ``exp(-5 (1 - (t - start) / (end - start))^2)`` up to ``ramp_end``, 1 after;
-- ``R`` is added to the training loss and (by default) to the attack
-  objective; for TRADES it is on the natural output by default.
+- ``R`` is handed to the wrapped objective as a ``Regularizer``: added to the
+  training loss and (by default) to the attack objective; for TRADES it is on
+  the natural output by default.
 
-The transform reads the table from ``batch["extra"]`` and the step number
-from ``batch["step"]`` (both added by the train step) and returns the updated
-table in ``aux["extra"]``; it does not edit the objective it wraps.
+The transform never edits the objective it wraps and keeps nothing in the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 
-from jax_memat.objectives.losses import ApplyFn, LossFn, Regularizer
+from jax_memat.objectives.base import (
+    INNER,
+    REGULARIZER_OUTPUTS,
+    ApplyFn,
+    Objective,
+    Regularizer,
+    transform_state,
+)
 
-SOFT_LABELS = "te_soft_labels"
-# make_loss(regularizer=..., attack_regularizer=...) -> LossFn, e.g.
-# functools.partial(make_objective, "pgd_at", apply_fn, attack).
-LossBuilder = Callable[..., LossFn]
+NAME = "temporal_ensembling"
+SOFT_LABELS = "soft_labels"
 
 
 def ramp(epoch: jax.Array | float, start: float, end: float) -> jax.Array:
@@ -69,67 +75,98 @@ def update_soft_labels(
     return table, targets
 
 
-def init_soft_labels(num_examples: int, num_classes: int) -> dict:
-    """The initial ``TrainState.extra`` entry: an all-zero N x K table."""
-    return {SOFT_LABELS: jnp.zeros((num_examples, num_classes), jnp.float32)}
+def te_problems(
+    momentum: object, weight: object, ramp_start: object, ramp_end: object
+) -> list[str]:
+    """What is wrong with TE's settings (``[]`` when nothing): the one rule for them.
+
+    Used by ``with_temporal_ensembling`` and by config validation (with the
+    ``te.`` prefix): ``momentum`` in [0, 1), ``weight`` finite and >= 0, and
+    epochs ``1 <= ramp_start < ramp_end``.
+    """
+
+    def number(x):
+        return not isinstance(x, bool) and isinstance(x, numbers.Real) and math.isfinite(x)
+
+    def integer(x):
+        return not isinstance(x, bool) and isinstance(x, numbers.Integral)
+
+    problems = []
+    if not (number(momentum) and 0 <= momentum < 1):
+        problems.append(f"momentum must be a number in [0, 1), got {momentum!r}")
+    if not (number(weight) and weight >= 0):
+        problems.append(f"weight must be a finite number >= 0, got {weight!r}")
+    if not (integer(ramp_start) and integer(ramp_end) and 1 <= ramp_start < ramp_end):
+        problems.append(
+            f"ramp_start and ramp_end must be epochs with 1 <= ramp_start < ramp_end, got "
+            f"{ramp_start!r} and {ramp_end!r}"
+        )
+    return problems
+
+
+def init_soft_labels(num_examples: int, num_classes: int) -> jax.Array:
+    """The initial soft-label table: all zeros, N x K float32."""
+    return jnp.zeros((num_examples, num_classes), jnp.float32)
 
 
 def with_temporal_ensembling(
-    make_loss: LossBuilder,
+    objective: Objective,
     apply_fn: ApplyFn,
     *,
-    steps_per_epoch: int,
     momentum: float = 0.9,
     weight: float = 300.0,
     ramp_start: int = 90,
     ramp_end: int = 150,
     regularize_attack: bool = True,
-) -> LossFn:
-    """Wraps an objective with temporal ensembling.
+    output: str = "natural",
+) -> Objective:
+    """Wraps an objective with temporal ensembling (a transform ``Objective -> Objective``).
 
     Args:
-      make_loss: builds the base objective given ``regularizer`` and
-        ``attack_regularizer`` keyword arguments (``make_objective`` does).
+      objective: the objective to wrap (``make_objective(...)``, or another
+        transform's output).
       apply_fn: the model function (used in inference mode for ``p``).
-      steps_per_epoch: to turn the step into the 1-based epoch.
       momentum: the table's momentum (0.9 in the paper).
       weight: the regularizer's weight after the ramp (300).
       ramp_start: first epoch of table updates and of the ramp (90).
       ramp_end: epoch where the ramp reaches 1 (150).
       regularize_attack: add ``R`` to the attack objective too (the authors do).
+      output: for TRADES, the logits ``R`` is computed on in the training
+        loss: ``"natural"`` (the authors' code) or ``"adversarial"``.
 
     Returns:
-      A per-example objective that needs ``batch["extra"][SOFT_LABELS]`` (put
-      there by the train step from ``TrainState.extra``, initialised by
-      ``init_soft_labels``) and returns the updated table in ``aux["extra"]``.
+      An ``Objective`` whose state is ``{"temporal_ensembling": {"soft_labels":
+      N x K}, "inner": <the wrapped objective's state>}``. It needs the epoch:
+      build the train step with ``steps_per_epoch``.
 
     Example:
-      >>> base = functools.partial(make_objective, "pgd_at", apply_fn, attack)
-      >>> loss_fn = with_temporal_ensembling(base, apply_fn, steps_per_epoch=390)
+      >>> base = make_objective("pgd_at", apply_fn, attack)
+      >>> objective = with_temporal_ensembling(base, apply_fn)
+      >>> state = objective.init(50_000, 10)
     """
-    if not 0 <= momentum < 1:
-        raise ValueError(f"TE momentum must be in [0, 1); got {momentum}.")
-    if weight < 0:
-        raise ValueError(f"TE weight must be >= 0; got {weight}.")
-    if not 1 <= ramp_start < ramp_end:
-        raise ValueError(f"TE ramp needs 1 <= ramp_start < ramp_end; got {ramp_start}, {ramp_end}.")
-    if steps_per_epoch <= 0:
-        raise ValueError(f"steps_per_epoch must be positive; got {steps_per_epoch}.")
+    problems = te_problems(momentum, weight, ramp_start, ramp_end)
+    if problems:
+        raise ValueError("Temporal ensembling: " + "; ".join(problems) + ".")
+    if output not in REGULARIZER_OUTPUTS:
+        raise ValueError(f"output={output!r} is not accepted; use one of {REGULARIZER_OUTPUTS}.")
 
-    def regularizer(logits: jax.Array, batch: dict) -> jax.Array:
-        return te_penalty(logits, batch["te_target"], batch["te_weight"])
+    def init(num_examples: int, num_classes: int) -> dict:
+        own = {SOFT_LABELS: init_soft_labels(num_examples, num_classes)}
+        return transform_state(NAME, own, objective.init(num_examples, num_classes))
 
-    reg: Regularizer = regularizer
-    inner = make_loss(regularizer=reg, attack_regularizer=reg if regularize_attack else None)
-
-    def te_loss(params, model_state, batch, key):
-        if "extra" not in batch or SOFT_LABELS not in batch["extra"]:
+    def loss(params, model_state, state, batch, info):
+        if not isinstance(state, dict) or NAME not in state:
             raise ValueError(
-                "Temporal ensembling needs the soft-label table in the train state: create "
-                "the state with extra=init_soft_labels(num_examples, num_classes)."
+                "Temporal ensembling needs its state: create the train state with "
+                "objective_state=objective.init(num_examples, num_classes)."
             )
-        table = batch["extra"][SOFT_LABELS]
-        epoch = batch["step"] // steps_per_epoch + 1
+        if info.epoch is None:
+            raise ValueError(
+                "Temporal ensembling needs the epoch: build the train step with "
+                "make_train_step(..., steps_per_epoch=N)."
+            )
+        table = state[NAME][SOFT_LABELS]
+        epoch = info.epoch
         clean_logits, _ = apply_fn({"params": params, **model_state}, batch["image"], False)
         probs = jax.nn.softmax(jax.lax.stop_gradient(clean_logits).astype(jnp.float32), -1)
         updated, targets = update_soft_labels(table, batch["index"], probs, momentum)
@@ -137,8 +174,13 @@ def with_temporal_ensembling(
         table = jnp.where(active, updated, table)
         targets = jnp.where(active, targets, 0.0)
         w = weight * ramp(epoch, ramp_start, ramp_end)
-        loss, aux = inner(params, model_state, {**batch, "te_target": targets, "te_weight": w}, key)
-        aux = {**aux, "extra": {**batch["extra"], SOFT_LABELS: table}}
-        return loss, aux
+        regularizer = Regularizer(
+            lambda logits: te_penalty(logits, targets, w), attack=regularize_attack, output=output
+        )
+        per_example_loss, aux = objective.loss(
+            params, model_state, state[INNER], batch, info.with_regularizer(regularizer)
+        )
+        new_state = transform_state(NAME, {SOFT_LABELS: table}, aux.objective_state)
+        return per_example_loss, aux._replace(objective_state=new_state)
 
-    return te_loss
+    return Objective(init, loss)

@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from jax_memat.models import init_model
-from jax_memat.training.mesh import replicate
+from jax_memat.parallel import replicate
 
 
 @flax.struct.dataclass
@@ -26,8 +26,8 @@ class TrainState:
       opt_state: optimizer state.
       rng: raw ``uint32`` key data (``jax.random.key_data``), so checkpoints hold
         plain arrays; step keys are ``fold_in(rng, step)``.
-      extra: state owned by loss transforms (e.g. the temporal-ensembling table);
-        an empty dict when none is used.
+      objective_state: the objective's own state (``Objective.init``), e.g.
+        the temporal-ensembling table; ``{}`` for objectives without state.
     """
 
     step: jax.Array
@@ -35,7 +35,7 @@ class TrainState:
     model_state: Any
     opt_state: Any
     rng: jax.Array
-    extra: Any = flax.struct.field(default_factory=dict)
+    objective_state: Any = flax.struct.field(default_factory=dict)
 
     @property
     def variables(self) -> dict:
@@ -49,7 +49,7 @@ def create_train_state(
     image_shape: tuple[int, int, int],
     tx: optax.GradientTransformation,
     mesh: Mesh | None = None,
-    extra: Any = None,
+    objective_state: Any = None,
 ) -> TrainState:
     """Initializes a model and optimizer state, replicated over ``mesh``.
 
@@ -60,7 +60,8 @@ def create_train_state(
       tx: the optax optimizer.
       mesh: where to place the state (replicated); ``None`` leaves it on the
         default device.
-      extra: initial transform state (see ``TrainState.extra``).
+      objective_state: the objective's initial state,
+        ``objective.init(num_examples, num_classes)`` (``{}`` when None).
 
     Example:
       >>> state = create_train_state(get_model("small_cnn", 10), jax.random.key(0),
@@ -78,6 +79,6 @@ def create_train_state(
         model_state=model_state,
         opt_state=tx.init(params),
         rng=jax.random.key_data(run_key),
-        extra={} if extra is None else extra,
+        objective_state={} if objective_state is None else objective_state,
     )
     return state if mesh is None else replicate(state, mesh)

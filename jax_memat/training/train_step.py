@@ -1,20 +1,22 @@
-"""The pure, data-parallel train step."""
+"""The pure, data-parallel train step, with per-example outputs on request."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jax_memat.objectives import LossFn
-from jax_memat.training.mesh import batch_sharded, replicated
+from jax_memat.objectives import Objective, StepInfo, margin
+from jax_memat.parallel import batch_sharded, replicated
 from jax_memat.training.state import TrainState
 
-StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
+StepFn = Callable[..., tuple]
+# What the step can return per example (``per_example=True``), each [B] and
+# sharded along the batch like the batch itself.
+PER_EXAMPLE_OUTPUTS = ("index", "label", "loss", "margin", "correct")
 
 
 def step_keys(rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
@@ -32,106 +34,112 @@ def train_step(
     state: TrainState,
     batch: dict,
     *,
-    loss_fn: LossFn,
+    objective: Objective,
     tx: optax.GradientTransformation,
-) -> tuple[TrainState, dict]:
-    """One optimizer step on the mean of a per-example loss (unjitted).
+    steps_per_epoch: int | None = None,
+    per_example: bool = False,
+) -> tuple:
+    """One optimizer step on the mean of a per-example objective (unjitted).
 
     Args:
       state: the current ``TrainState``.
       batch: ``{"image": float [B,H,W,C] in [0, 1], "label": int [B],
-        "index": int [B]}`` (the global batch). The loss sees it with two more
-        entries: ``"step"`` (the state's step) and ``"extra"`` (``state.extra``);
-        a loss returning ``aux["extra"]`` replaces ``state.extra``.
-      loss_fn: a per-example objective from ``jax_memat.objectives``.
+        "index": int [B]}`` (the global batch; per-example arrays only).
+      objective: an ``Objective`` from ``jax_memat.objectives``; its state is
+        ``state.objective_state``.
       tx: the optimizer.
+      steps_per_epoch: turns the step into the 1-based epoch the objective
+        sees (``StepInfo.epoch``; None when not given).
+      per_example: also return the per-example outputs.
 
     Returns:
-      The new state and scalar metrics: ``loss`` (batch mean), ``accuracy`` (of
-      the logits trained on, adversarial for PGD-AT/TRADES), ``grad_norm_sq``
-      (squared global gradient norm, as the authors log) and ``finite`` (1.0
-      when loss and gradients are finite).
+      ``(new_state, metrics)``, or ``(new_state, metrics, per_example)`` with
+      ``per_example=True``. Metrics are scalars: ``loss`` (batch mean),
+      ``accuracy`` (of the logits trained on, adversarial for PGD-AT/TRADES),
+      ``grad_norm_sq`` (squared global gradient norm, as the authors log) and
+      ``finite`` (1.0 when loss and gradients are finite). ``per_example``
+      holds ``PER_EXAMPLE_OUTPUTS``: the example's ``index``, the ``label``
+      trained on, its ``loss`` (the objective's value), the ``margin`` of the
+      logits trained on (``logit[y] - max_{k != y} logit[k]``) and whether they
+      were ``correct``, all from the step's own forward pass.
     """
     keys = step_keys(state.rng, state.step)
-    # Loss transforms with state (e.g. temporal ensembling) read it from the
-    # batch and return its new value as aux["extra"].
-    batch = {**batch, "step": state.step, "extra": state.extra}
+    epoch = None if steps_per_epoch is None else state.step // steps_per_epoch + 1
+    info = StepInfo(step=state.step, epoch=epoch, key=keys["attack"])
 
     def mean_loss(params):
-        per_example, aux = loss_fn(params, state.model_state, batch, keys["attack"])
+        losses, aux = objective.loss(params, state.model_state, state.objective_state, batch, info)
         # The single place where per-example losses are averaged.
-        return jnp.mean(per_example), aux
+        return jnp.mean(losses), (losses, aux)
 
-    (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+    (loss, (losses, aux)), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm_sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
-    logits = aux["per_example"]["logits"]
+    logits = aux.per_example["logits"]
+    correct = jnp.argmax(logits, -1) == batch["label"]
     metrics = {
         "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "accuracy": jnp.mean(correct),
         "grad_norm_sq": grad_norm_sq,
         "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm_sq),
     }
     new_state = state.replace(
         step=state.step + 1,
         params=params,
-        model_state=aux["model_state"],
+        model_state=aux.model_state,
         opt_state=opt_state,
-        extra=aux.get("extra", state.extra),
+        objective_state=aux.objective_state,
     )
-    return new_state, metrics
+    if not per_example:
+        return new_state, metrics
+    outputs = {
+        "index": batch["index"],
+        "label": batch["label"],
+        "loss": jax.lax.stop_gradient(losses),
+        "margin": margin(jax.lax.stop_gradient(logits), batch["label"]),
+        "correct": correct,
+    }
+    return new_state, metrics, outputs
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh) -> StepFn:
+def make_train_step(
+    objective: Objective,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    steps_per_epoch: int | None = None,
+    per_example: bool = False,
+) -> StepFn:
     """Jits ``train_step`` over ``mesh``: state replicated (and donated), batch split.
 
+    Args:
+      objective: the ``Objective``.
+      tx: the optimizer.
+      mesh: the device mesh.
+      steps_per_epoch: see ``train_step`` (needed by temporal ensembling).
+      per_example: return the per-example outputs too, sharded along the batch.
+
     Example:
-      >>> step = make_train_step(loss_fn, tx, make_mesh())
+      >>> step = make_train_step(objective, tx, make_mesh(), steps_per_epoch=390)
       >>> state, metrics = step(state, shard_batch(batch, mesh))
     """
+    if not isinstance(objective, Objective):
+        raise TypeError(
+            "make_train_step takes an Objective (from make_objective or a transform such as "
+            f"with_temporal_ensembling); got {type(objective).__name__}."
+        )
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        return train_step(state, batch, loss_fn=loss_fn, tx=tx)
-
-    rep, split = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(
-        step,
-        in_shardings=(rep, split),
-        out_shardings=(rep, rep),
-        donate_argnums=(0,),
-    )
-
-
-def make_batch_fn(
-    mesh: Mesh,
-    key: jax.Array,
-    *,
-    augment: bool,
-    crop_padding: int = 4,
-    flip: bool = True,
-) -> Callable[[jax.Array, jax.Array, Any, Any], dict]:
-    """Jitted ``batch_fn(images_u8, labels, indices, step) -> batch`` on the devices.
-
-    Gathers the rows ``indices`` of the device-resident uint8 dataset, scales to
-    [0, 1] and augments with a key ``fold_in(key, step)``, so the data never
-    leaves the accelerators and augmentation is reproducible from the step.
-    """
-    from jax_memat.data import make_batch
-
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
-
-    def batch_fn(images, labels, indices, step):
-        return make_batch(
-            images,
-            labels,
-            indices,
-            jax.random.fold_in(key, step),
-            augment=augment,
-            crop_padding=crop_padding,
-            flip=flip,
+    def step(state: TrainState, batch: dict):
+        return train_step(
+            state,
+            batch,
+            objective=objective,
+            tx=tx,
+            steps_per_epoch=steps_per_epoch,
+            per_example=per_example,
         )
 
     rep, split = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(batch_fn, in_shardings=(rep, rep, split, rep), out_shardings=split)
+    out = (rep, rep, split) if per_example else (rep, rep)
+    return jax.jit(step, in_shardings=(rep, split), out_shardings=out, donate_argnums=(0,))

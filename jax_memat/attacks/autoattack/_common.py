@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jax_memat.attacks.core import NORMS
+from jax_memat.attacks.core import NORMS, eps_problem
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -40,9 +40,11 @@ def check_real(name: str, value: object, *, low: float, high: float = math.inf) 
 
 
 def check_eps(eps: object, norm: str) -> float:
-    # An L-inf radius above 1 makes the box the only constraint: almost surely a
-    # unit mistake (e.g. 8 instead of 8 / 255).
-    return check_real("eps", eps, low=0.0, high=1.0 if norm == "linf" else math.inf)
+    """The library's one rule for radii (``attacks.core.eps_problem``), positive here."""
+    problem = eps_problem(eps, norm, positive=True)
+    if problem:
+        raise ValueError(problem)
+    return float(eps)
 
 
 def check_int(name: str, value: object, *, low: int) -> int:

@@ -44,12 +44,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from jax_memat.attacks.autoattack import _common as c
 from jax_memat.attacks.autoattack.autopgd import _apgd
 from jax_memat.attacks.autoattack.fab import _fab
 from jax_memat.attacks.autoattack.square import _check_square_args, _square
+from jax_memat.parallel import batch_sharded, make_mesh, replicated
 
 ApplyFn = Callable[[Any, jax.Array, bool], tuple[jax.Array, Any]]
 
@@ -92,31 +93,15 @@ class AutoAttackResult:
     seconds: dict[str, float]
 
 
-# The mesh helpers are spelled out here rather than taken from
-# jax_memat.training: attacks sit below training in the library's layering.
-
-
-def _default_mesh() -> Mesh:
-    """All local devices on one axis, ``"data"`` (as ``training.mesh.make_mesh``)."""
-    return Mesh(np.asarray(jax.local_devices()), ("data",))
-
-
-def _replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def _split(mesh: Mesh) -> NamedSharding:
-    """The leading (batch) axis split over the mesh's only axis."""
-    return NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-
-
 @functools.lru_cache(maxsize=8)
 def _predict_fn(apply_fn: ApplyFn, mesh: Mesh):
     def predict(variables, x):
         return c.predictions(apply_fn(variables, x, False)[0])
 
     return jax.jit(
-        predict, in_shardings=(_replicated(mesh), _split(mesh)), out_shardings=_split(mesh)
+        predict,
+        in_shardings=(replicated(mesh), batch_sharded(mesh)),
+        out_shardings=batch_sharded(mesh),
     )
 
 
@@ -170,7 +155,7 @@ def _attack_fn(
             )
         return x_adv, mask & ~robust
 
-    rep, split = _replicated(mesh), _split(mesh)
+    rep, split = replicated(mesh), batch_sharded(mesh)
     return jax.jit(
         run, in_shardings=(rep, split, split, split, rep, rep), out_shardings=(split, split)
     )
@@ -281,7 +266,7 @@ def autoattack(
       eps: radius (e.g. ``8 / 255`` for L-inf, ``0.5`` for L2).
       norm: ``"linf"`` or ``"l2"``.
       key: PRNG key; runs with the same key and ``chunk_size`` agree.
-      mesh: a one-axis device mesh, e.g. ``jax_memat.training.make_mesh()``
+      mesh: a one-axis device mesh, e.g. ``jax_memat.parallel.make_mesh()``
         (default: all local devices).
       chunk_size: points per compiled call, a multiple of the device count
         (default ``128 *`` device count).
@@ -328,7 +313,7 @@ def autoattack(
         raise NotImplementedError("autoattack runs on the devices of a single process")
     images = np.asarray(jax.device_get(images))
     labels = np.asarray(jax.device_get(labels))
-    mesh = _default_mesh() if mesh is None else mesh
+    mesh = make_mesh() if mesh is None else mesh
     norm, eps, attacks, chunk_size = _validate(
         images,
         labels,
@@ -357,9 +342,9 @@ def autoattack(
     if labels.min() < 0 or labels.max() >= k:
         raise ValueError(f"labels must be in [0, {k}), got range [{labels.min()}, {labels.max()}]")
 
-    variables = jax.device_put(variables, _replicated(mesh))
+    variables = jax.device_put(variables, replicated(mesh))
     predict = _predict_fn(apply_fn, mesh)
-    split = _split(mesh)
+    split = batch_sharded(mesh)
     n = images.shape[0]
 
     def chunks(indices):

@@ -13,14 +13,14 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
-from jax_memat.attacks import NORMS
+from jax_memat.attacks import AttackSpec, threat_model_problems
 from jax_memat.data import DATASET_NAMES, SOURCES, SPLIT_SIZES, dataset_spec
 from jax_memat.data.corruptions import IMAGE_CORRUPTIONS
+from jax_memat.experiment.errors import ConfigError, WorkdirConflictError
+from jax_memat.experiment.workdir import CONFIG_FILE, read_json, write_json
 from jax_memat.models import MODEL_NAMES
-from jax_memat.objectives import OBJECTIVE_NAMES, REGULARIZER_OUTPUTS
-from jax_memat.training.errors import ConfigError, WorkdirConflictError
+from jax_memat.objectives import OBJECTIVE_NAMES, REGULARIZER_OUTPUTS, beta_problem, te_problems
 from jax_memat.training.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES
-from jax_memat.training.workdir import CONFIG_FILE, read_json, write_json
 
 if TYPE_CHECKING:
     import ml_collections
@@ -120,6 +120,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.num_train_examples = -1  # training examples evaluated (-1 = all)
     c.eval.num_test_examples = -1
     c.eval.save_per_example = True
+
+    c.record = ml_collections.ConfigDict()  # per-example records
+    # The train step's per-example loss, margin and correctness on every training
+    # example, one file per epoch (per_example/train_steps_epochNNNN.npz).
+    c.record.train_per_example = False
 
     c.final_eval = ml_collections.ConfigDict()  # the final report, best and final checkpoints
     c.final_eval.pgd_steps = 20
@@ -243,21 +248,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
 
         one_of(c.objective.name, OBJECTIVE_NAMES, "objective.name")
-        number(c.objective.beta, "objective.beta", 0.0, math.inf, hi_open=True)
+        problem = beta_problem(c.objective.beta)
+        check(not problem, f"objective.{problem}.")
 
         t = c.te
         check(isinstance(t.enabled, bool), f"te.enabled={t.enabled!r}: use True or False.")
-        number(t.momentum, "te.momentum", 0.0, 1.0, hi_open=True)
-        number(t.weight, "te.weight", 0.0, math.inf, hi_open=True)
-        positive_int(t.ramp_start, "te.ramp_start")
-        positive_int(t.ramp_end, "te.ramp_end")
-        check(
-            not (_is_int(t.ramp_start) and _is_int(t.ramp_end)) or t.ramp_start < t.ramp_end,
-            f"te.ramp_start={t.ramp_start!r} must be below te.ramp_end={t.ramp_end!r}.",
+        errors.extend(
+            f"te.{p}." for p in te_problems(t.momentum, t.weight, t.ramp_start, t.ramp_end)
         )
         one_of(t.output, REGULARIZER_OUTPUTS, "te.output")
-        if t.enabled and c.objective.name == "trades":
-            check(c.objective.beta > 0, "TRADES+TE needs objective.beta > 0.")
+        if t.enabled and t.regularize_attack and c.objective.name == "trades":
+            # The TE term in the TRADES attack is scaled by 1/beta (objectives.make_objective).
+            check(
+                not problem and c.objective.beta > 0,
+                "TRADES+TE with te.regularize_attack needs objective.beta > 0.",
+            )
 
         a = c.attack
         one_of(a.name, TRAINING_ATTACKS, "attack.name")
@@ -298,6 +303,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         positive_int(e.num_test_examples, "eval.num_test_examples", allow_minus_one=True)
         positive_int(c.final_eval.pgd_steps, "final_eval.pgd_steps", allow_zero=True)
         positive_int(c.log_every_steps, "log_every_steps")
+        record = c.get("record", {}).get("train_per_example", False)
+        check(
+            isinstance(record, bool),
+            f"record.train_per_example={record!r}: use True or False.",
+        )
     except AttributeError as err:
         errors.append(f"missing field: {err}. Start from jax_memat.training.default_config().")
 
@@ -305,31 +315,42 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
 
 
-def threat_model_problems(norm: Any, eps: Any, step_size: Any, prefix: str = "") -> list[str]:
-    """What is wrong with a threat model (norm, radius, step size); [] when nothing.
+def training_attack(config: ml_collections.ConfigDict) -> AttackSpec:
+    """The training attack a config names (the one place config fields become an AttackSpec)."""
+    a = config.attack
+    return AttackSpec(
+        a.name,
+        a.eps,
+        a.step_size,
+        a.steps,
+        a.norm,
+        a.random_start,
+        clip_start=a.get("clip_start", True),  # configs saved before the field existed
+    )
 
-    The rule, used by config validation and by ``python -m jax_memat.evaluate``:
-    ``norm`` is ``linf`` or ``l2``; under L-inf, images live in [0, 1] so
-    ``eps`` is in [0, 1]; under L2 it is any finite non-negative number; the
-    step size is a finite positive number.
+
+def evaluation_attacks(
+    config: ml_collections.ConfigDict,
+    steps: int,
+    names: tuple[str, ...] = ("pgd",),
+    *,
+    norm: str | None = None,
+    eps: float | None = None,
+    step_size: float | None = None,
+) -> dict[str, AttackSpec]:
+    """``{name: AttackSpec}`` of the evaluation attacks (PGD-k, CW-k) for a run.
+
+    The threat model is the training attack's unless overridden; evaluation
+    attacks always start at a random point of the ball, clipped to the box.
+    No attack when ``steps`` is 0.
     """
-
-    def is_number(x: Any) -> bool:
-        return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-    problems = []
-    if norm not in NORMS:
-        problems.append(f"{prefix}norm={norm!r} is not accepted; use one of {NORMS}.")
-    if norm == "linf" and not (is_number(eps) and 0 <= eps <= 1):
-        problems.append(
-            f"{prefix}eps={eps!r} is out of range; accepted under L-inf: a number in [0, 1] "
-            "(images are in [0, 1]; the paper uses 8/255 = 0.0314)."
-        )
-    elif norm != "linf" and not (is_number(eps) and eps >= 0):
-        problems.append(f"{prefix}eps={eps!r} is out of range; accepted: a number >= 0.")
-    if not (is_number(step_size) and step_size > 0):
-        problems.append(f"{prefix}step_size={step_size!r} is out of range; accepted: a number > 0.")
-    return problems
+    a = config.attack
+    norm = a.norm if norm is None else norm
+    eps = a.eps if eps is None else eps
+    step_size = a.step_size if step_size is None else step_size
+    if steps <= 0:
+        return {}
+    return {name: AttackSpec(name, eps, step_size, steps, norm, True) for name in names}
 
 
 def expected_split_sizes(config: ml_collections.ConfigDict) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_memat.training.errors import ResourceError
+from jax_memat.experiment.errors import ResourceError
 
 _GIB = 1024**3
 

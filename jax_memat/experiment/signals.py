@@ -19,7 +19,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from jax_memat.training.errors import RunInterrupted
+from jax_memat.experiment.errors import RunInterrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -40,16 +40,18 @@ import jax
 import numpy as np
 
 from jax_memat.attacks import AttackSpec
-from jax_memat.data import dataset_spec, train_batch_indices
-from jax_memat.training.checkpoints import RunCheckpoints
-from jax_memat.training.config import (
+from jax_memat.data import dataset_spec, make_batch_fn, train_batch_indices
+from jax_memat.evaluation.core import evaluate, make_eval_fn
+from jax_memat.experiment.checkpoints import RunCheckpoints
+from jax_memat.experiment.config import (
     check_device_batch_sizes,
     config_differences,
     config_to_dict,
+    evaluation_attacks,
     expected_split_sizes,
     validate_config,
 )
-from jax_memat.training.errors import (
+from jax_memat.experiment.errors import (
     ConfigError,
     CorruptFileError,
     NonFiniteLossError,
@@ -59,15 +61,11 @@ from jax_memat.training.errors import (
     WorkdirError,
     signal_name,
 )
-from jax_memat.training.evaluate import evaluate, make_eval_fn
-from jax_memat.training.mesh import make_mesh, replicate, shard_batch
-from jax_memat.training.metrics import MetricsWriter, plot_learning_curves, read_metrics
-from jax_memat.training.resources import check_disk, check_memory, estimate_memory
-from jax_memat.training.setup import build_run, load_data, model_from_config
-from jax_memat.training.signals import StopSignals
-from jax_memat.training.state import TrainState
-from jax_memat.training.train_step import make_batch_fn, make_train_step
-from jax_memat.training.workdir import (
+from jax_memat.experiment.metrics import MetricsWriter, plot_learning_curves, read_metrics
+from jax_memat.experiment.resources import check_disk, check_memory, estimate_memory
+from jax_memat.experiment.setup import build_run, load_data, model_from_config
+from jax_memat.experiment.signals import StopSignals
+from jax_memat.experiment.workdir import (
     CONFIG_FILE,
     LABELS_FILE,
     PER_EXAMPLE_DIR,
@@ -81,11 +79,16 @@ from jax_memat.training.workdir import (
     warn,
     write_json,
 )
+from jax_memat.parallel import make_mesh, replicate, shard_batch
+from jax_memat.training.state import TrainState
+from jax_memat.training.train_step import make_train_step
 
 __all__ = ["NonFiniteLossError", "train_and_evaluate", "plan_workdir", "WorkdirPlan"]
 
-# hook(step, state) after every optimizer step (host side, no device sync).
-Hook = Callable[[int, TrainState], None]
+# hook(step, state, metrics, per_example) after every optimizer step, host side;
+# metrics and the per-example outputs (PER_EXAMPLE_OUTPUTS of the train step) are
+# device arrays: a hook that does not fetch them costs no device sync.
+Hook = Callable[[int, TrainState, dict, dict], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,13 +179,7 @@ def _check_saved_labels(workdir: str, record: dict) -> bool:
 
 
 def _eval_attacks(config, steps: int, cw: bool) -> dict[str, AttackSpec]:
-    a = config.attack
-    specs = {}
-    if steps > 0:
-        specs["pgd"] = AttackSpec("pgd", a.eps, a.step_size, steps, a.norm, True)
-        if cw:
-            specs["cw"] = AttackSpec("cw", a.eps, a.step_size, steps, a.norm, True)
-    return specs
+    return evaluation_attacks(config, steps, ("pgd", "cw") if cw else ("pgd",))
 
 
 def _num(n: int, total: int) -> int:
@@ -206,7 +203,8 @@ def train_and_evaluate(
     Args:
       config: a config as from ``default_config()`` or ``configs/*.py``.
       workdir: output folder; created if missing.
-      hooks: called as ``hook(step, state)`` after every step.
+      hooks: called as ``hook(step, state, metrics, per_example)`` after every
+        step (``per_example``: the train step's per-example outputs, on device).
       devices: devices to run on (default: all).
       handle_signals: stop at a safe point on SIGINT/SIGTERM (raising
         ``RunInterrupted`` once the last finished epoch is on disk); the CLI
@@ -220,10 +218,10 @@ def train_and_evaluate(
     Raises:
       ConfigError, WorkdirError (and its subclasses), DatasetNotFoundError,
       ResourceError, NonFiniteLossError, RunInterrupted: the expected failures,
-      each with a message saying what was kept (see ``jax_memat.training.errors``).
+      each with a message saying what was kept (see ``jax_memat.experiment.errors``).
 
     Example:
-      >>> from jax_memat.training import default_config, train_and_evaluate
+      >>> from jax_memat.experiment import default_config, train_and_evaluate
       >>> config = default_config(); config.dataset.name = "synthetic"
       >>> config.model.name = "small_cnn"; config.epochs = 2
       >>> report = train_and_evaluate(config, "workdirs/run")
@@ -278,18 +276,79 @@ def train_and_evaluate(
         return _train(config, workdir, train, test, mesh, plan, hooks, guard)
 
 
+@dataclasses.dataclass
+class BestTracker:
+    """The best checkpoint so far: highest PGD test accuracy, ties broken by natural accuracy.
+
+    Attributes:
+      record: ``{"epoch": e, "score": [pgd, natural]}`` of the best evaluated
+        epoch, or None before the first evaluation.
+    """
+
+    record: dict | None = None
+
+    def update(self, epoch: int, row: dict) -> bool:
+        """Takes an evaluated epoch's row; True when it is the new best."""
+        score = [row.get("test_pgd_accuracy", 0.0), row["test_natural_accuracy"]]
+        if self.record is None or tuple(score) > tuple(self.record["score"]):
+            self.record = {"epoch": epoch, "score": score}
+            return True
+        return False
+
+
+class TrainRecord:
+    """Per-example outputs of the train step over one epoch, indexed by example.
+
+    Rows of examples not trained on in the epoch (the dropped remainder) hold
+    NaN (``loss``, ``margin``) and -1 (``correct``, ``label``).
+    """
+
+    def __init__(self, num_examples: int):
+        self.num_examples = num_examples
+        self.reset()
+
+    def reset(self) -> None:
+        n = self.num_examples
+        self.arrays = {
+            "loss": np.full(n, np.nan, np.float32),
+            "margin": np.full(n, np.nan, np.float32),
+            "correct": np.full(n, -1, np.int8),
+            "label": np.full(n, -1, np.int32),
+        }
+
+    def add(self, outputs: dict) -> None:
+        index = np.asarray(outputs["index"])
+        for key, array in self.arrays.items():
+            array[index] = np.asarray(outputs[key]).astype(array.dtype)
+
+
+@dataclasses.dataclass
+class _Context:
+    """What every epoch of a run uses."""
+
+    config: Any
+    workdir: str
+    mesh: Any
+    setup: Any
+    step_fn: Any
+    batch_fn: Any
+    eval_fn: Any
+    train_data: tuple
+    splits: dict
+    ckpts: RunCheckpoints
+    writer: MetricsWriter
+    guard: StopSignals
+    hooks: Sequence[Hook]
+    record: TrainRecord | None
+    bar: Any
+
+
 def _train(config, workdir, train, test, mesh, plan, hooks, guard) -> dict:
     setup = build_run(config, train, mesh)
-    apply_fn, schedule, spe, state = (
-        setup.apply_fn,
-        setup.schedule,
-        setup.steps_per_epoch,
-        setup.state,
-    )
-    eval_key = setup.keys["eval"]
+    state, spe = setup.state, setup.steps_per_epoch
 
     ckpts = RunCheckpoints(workdir)
-    start_epoch, best = 0, None
+    start_epoch, best = 0, BestTracker()
     restored = ckpts.restore_newest(state) if plan.resuming else None
     if restored is not None:
         kind, state, meta = restored
@@ -305,146 +364,187 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard) -> dict:
                 f"epochs={config.epochs}, but the run in {workdir} has already trained "
                 f"{start_epoch} epochs; raise --config.epochs (or use another --workdir)."
             )
-        best = (meta.get("best") if kind == "best" else None) or _best_record(ckpts)
+        best.record = meta.get("best") or _best_record(ckpts)
         _print(f"Resumed {workdir} at epoch {start_epoch} (step {int(state.step)}).")
     if ckpts.latest_step("init") is None:
         with guard.critical():
             _save(ckpts, "init", state, {"epoch": 0})
-    writer = MetricsWriter(workdir, resume_epoch=start_epoch, tensorboard=config.tensorboard)
 
-    step_fn = make_train_step(setup.loss_fn, setup.tx, mesh)
-    batch_fn = make_batch_fn(
-        mesh,
-        setup.keys["data"],
-        augment=config.dataset.augment,
-        crop_padding=config.dataset.crop_padding,
-        flip=config.dataset.flip,
-    )
-    epoch_eval_fn = make_eval_fn(
-        apply_fn, _eval_attacks(config, config.eval.pgd_steps, config.eval.cw), mesh
-    )
+    record_train = bool(config.get("record", {}).get("train_per_example", False))
     # The data lives on the devices for the whole run.
-    train_images, train_labels = replicate((train.images, train.labels), mesh)
+    train_data = replicate((train.images, train.labels), mesh)
     test_images, test_labels = replicate((test.images, test.labels), mesh)
     splits = {  # what evaluation covers: the first n rows of each set
-        "train": (
-            train_images,
-            train_labels,
-            _num(config.eval.num_train_examples, train.num_examples),
-        ),
+        "train": (*train_data, _num(config.eval.num_train_examples, train.num_examples)),
         "test": (test_images, test_labels, _num(config.eval.num_test_examples, test.num_examples)),
     }
-
     from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=config.epochs * spe,
-        initial=start_epoch * spe,
-        unit="step",
-        desc=f"{config.objective.name} {config.model.name} {config.dataset.name}",
-        disable=not config.progress_bar,
-        dynamic_ncols=True,
+    ctx = _Context(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        setup=setup,
+        step_fn=make_train_step(
+            setup.objective,
+            setup.tx,
+            mesh,
+            steps_per_epoch=spe,
+            per_example=record_train or bool(hooks),
+        ),
+        batch_fn=make_batch_fn(
+            mesh,
+            setup.keys["data"],
+            augment=config.dataset.augment,
+            crop_padding=config.dataset.crop_padding,
+            flip=config.dataset.flip,
+        ),
+        eval_fn=make_eval_fn(
+            setup.apply_fn, _eval_attacks(config, config.eval.pgd_steps, config.eval.cw), mesh
+        ),
+        train_data=train_data,
+        splits=splits,
+        ckpts=ckpts,
+        writer=MetricsWriter(workdir, resume_epoch=start_epoch, tensorboard=config.tensorboard),
+        guard=guard,
+        hooks=hooks,
+        record=TrainRecord(train.num_examples) if record_train else None,
+        bar=tqdm(
+            total=config.epochs * spe,
+            initial=start_epoch * spe,
+            unit="step",
+            desc=f"{config.objective.name} {config.model.name} {config.dataset.name}",
+            disable=not config.progress_bar,
+            dynamic_ncols=True,
+        ),
     )
-    epoch = saved_epoch = start_epoch
+    saved_epoch = start_epoch
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
-            t0 = time.perf_counter()
-            indices = train_batch_indices(train.num_examples, config.batch_size, config.seed, epoch)
-            pending, fetched = [], []
-            for s in range(spe):
-                batch = batch_fn(
-                    train_images, train_labels, shard_batch(indices[s], mesh), state.step
-                )
-                state, metrics = step_fn(state, batch)
-                pending.append(metrics)
-                for hook in hooks:
-                    hook((epoch - 1) * spe + s + 1, state)
-                if len(pending) == config.log_every_steps or s == spe - 1:
-                    # Metrics stay on the devices until here: one transfer per interval.
-                    chunk = jax.device_get(pending)
-                    first_step = (epoch - 1) * spe + s + 2 - len(pending)
-                    for j, m in enumerate(chunk):
-                        if not m["finite"]:
-                            raise NonFiniteLossError(
-                                f"Loss or gradient became NaN/Inf at step {first_step + j} "
-                                f"(epoch {epoch}); the run stopped. The last good checkpoint "
-                                f"(epoch {epoch - 1}) is kept in {ckpts.directory}."
-                            )
-                    fetched.extend(chunk)
-                    pending = []
-                    bar.update(len(chunk))
-                    elapsed = time.perf_counter() - t0
-                    bar.set_postfix(
-                        epoch=epoch,
-                        loss=f"{chunk[-1]['loss']:.3f}",
-                        ex_per_s=f"{len(fetched) * config.batch_size / elapsed:.0f}",
-                    )
-            train_time = time.perf_counter() - t0
-            row = {
-                "epoch": epoch,
-                "step": epoch * spe,
-                "learning_rate": float(schedule(epoch * spe - 1)),
-                "train_loss": float(np.mean([m["loss"] for m in fetched])),
-                "train_accuracy": float(np.mean([m["accuracy"] for m in fetched])),
-                "grad_norm_sq": float(np.mean([m["grad_norm_sq"] for m in fetched])),
-                "epoch_time_s": train_time,
-                "examples_per_s": spe * config.batch_size / train_time,
-            }
+            state, row = _train_epoch(ctx, state, epoch)
             per_split = {}
             if epoch % config.eval.every_epochs == 0 or epoch == config.epochs:
-                t1 = time.perf_counter()
-                per_split = _evaluate_splits(
-                    epoch_eval_fn,
-                    state.variables,
-                    jax.random.fold_in(eval_key, epoch),
-                    splits,
-                    batch_size=config.eval.batch_size,
-                    mesh=mesh,
-                )
-                for split, (_, summary) in per_split.items():
-                    row.update({f"{split}_{k}": v for k, v in summary.items()})
-                row["eval_time_s"] = time.perf_counter() - t1
-            # The epoch's files: held from signals so each is written whole.
-            with guard.critical():
-                if config.eval.save_per_example:
-                    for split, (per_example, _) in per_split.items():
-                        folder = os.path.join(workdir, PER_EXAMPLE_DIR)
-                        os.makedirs(folder, exist_ok=True)
-                        save_npz(
-                            os.path.join(folder, f"{split}_epoch{epoch:04d}.npz"), **per_example
-                        )
-                writer.write(row)
-                if per_split:
-                    score = (row.get("test_pgd_accuracy", 0.0), row["test_natural_accuracy"])
-                    if best is None or tuple(score) > tuple(best["score"]):
-                        best = {"epoch": epoch, "score": list(score)}
-                        _save(ckpts, "best", state, {"epoch": epoch, "metrics": row, "best": best})
-                _save(ckpts, "latest", state, {"epoch": epoch, "metrics": row, "best": best})
-                saved_epoch = epoch
-            bar.write(_summary_line(row))
-        bar.close()
-        report = _final_report(config, ckpts, state, apply_fn, mesh, eval_key, splits)
+                per_split = _evaluate_epoch(ctx, state, epoch, row)
+            _write_epoch(ctx, state, epoch, row, per_split, best)
+            saved_epoch = epoch
+            ctx.bar.write(_summary_line(row))
+        ctx.bar.close()
+        report = _final_report(
+            config, ckpts, state, setup.apply_fn, mesh, setup.keys["eval"], splits
+        )
         with guard.critical():
             write_json(os.path.join(workdir, REPORT_FILE), report)
             _plot(config, workdir)
     except RunInterrupted as err:
-        name = signal_name(err.signum)
-        if saved_epoch == config.epochs:
-            text = (
-                f"Stopped by {name} during the final report; all {saved_epoch} epochs are saved in "
-                f"{workdir}. Run the same command to write the report."
-            )
-        else:
-            text = (
-                f"Stopped by {name} during epoch {saved_epoch + 1}. The last finished epoch "
-                f"({saved_epoch}) is saved in {workdir}; run the same command to resume."
-            )
-        raise RunInterrupted(err.signum, text) from None
+        raise _interrupted(err, saved_epoch, config.epochs, workdir) from None
     finally:
-        bar.close()
-        writer.close()
+        ctx.bar.close()
+        ctx.writer.close()
         ckpts.close()
     return report
+
+
+def _train_epoch(ctx: _Context, state: TrainState, epoch: int) -> tuple[TrainState, dict]:
+    """Runs one epoch of steps; returns the new state and the epoch's training row."""
+    config, spe = ctx.config, ctx.setup.steps_per_epoch
+    t0 = time.perf_counter()
+    indices = train_batch_indices(ctx.train_data[0].shape[0], config.batch_size, config.seed, epoch)
+    pending, fetched = [], []
+    if ctx.record is not None:
+        ctx.record.reset()
+    for s in range(spe):
+        batch = ctx.batch_fn(*ctx.train_data, shard_batch(indices[s], ctx.mesh), state.step)
+        state, metrics, *outputs = ctx.step_fn(state, batch)
+        per_example = outputs[0] if outputs else None
+        pending.append((metrics, per_example if ctx.record is not None else None))
+        for hook in ctx.hooks:
+            hook((epoch - 1) * spe + s + 1, state, metrics, per_example)
+        if len(pending) == config.log_every_steps or s == spe - 1:
+            # Outputs stay on the devices until here: one transfer per interval.
+            chunk = jax.device_get(pending)
+            first_step = (epoch - 1) * spe + s + 2 - len(pending)
+            for j, (m, _) in enumerate(chunk):
+                if not m["finite"]:
+                    raise NonFiniteLossError(
+                        f"Loss or gradient became NaN/Inf at step {first_step + j} (epoch "
+                        f"{epoch}); the run stopped. The last good checkpoint (epoch "
+                        f"{epoch - 1}) is kept in {ctx.ckpts.directory}."
+                    )
+                if ctx.record is not None:
+                    ctx.record.add(chunk[j][1])
+            fetched.extend(m for m, _ in chunk)
+            pending = []
+            ctx.bar.update(len(chunk))
+            ctx.bar.set_postfix(
+                epoch=epoch,
+                loss=f"{chunk[-1][0]['loss']:.3f}",
+                ex_per_s=f"{len(fetched) * config.batch_size / (time.perf_counter() - t0):.0f}",
+            )
+    train_time = time.perf_counter() - t0
+    row = {
+        "epoch": epoch,
+        "step": epoch * spe,
+        "learning_rate": float(ctx.setup.schedule(epoch * spe - 1)),
+        "train_loss": float(np.mean([m["loss"] for m in fetched])),
+        "train_accuracy": float(np.mean([m["accuracy"] for m in fetched])),
+        "grad_norm_sq": float(np.mean([m["grad_norm_sq"] for m in fetched])),
+        "epoch_time_s": train_time,
+        "examples_per_s": spe * config.batch_size / train_time,
+    }
+    return state, row
+
+
+def _evaluate_epoch(ctx: _Context, state: TrainState, epoch: int, row: dict) -> dict:
+    """Evaluates both splits after an epoch, adding their summaries to ``row``."""
+    t1 = time.perf_counter()
+    per_split = _evaluate_splits(
+        ctx.eval_fn,
+        state.variables,
+        jax.random.fold_in(ctx.setup.keys["eval"], epoch),
+        ctx.splits,
+        batch_size=ctx.config.eval.batch_size,
+        mesh=ctx.mesh,
+    )
+    for split, (_, summary) in per_split.items():
+        row.update({f"{split}_{k}": v for k, v in summary.items()})
+    row["eval_time_s"] = time.perf_counter() - t1
+    return per_split
+
+
+def _write_epoch(ctx, state, epoch, row, per_split, best: BestTracker) -> None:
+    """The epoch's files and checkpoints, held from signals so each is written whole."""
+    folder = os.path.join(ctx.workdir, PER_EXAMPLE_DIR)
+    with ctx.guard.critical():
+        if ctx.config.eval.save_per_example and per_split:
+            os.makedirs(folder, exist_ok=True)
+            for split, (per_example, _) in per_split.items():
+                save_npz(os.path.join(folder, f"{split}_epoch{epoch:04d}.npz"), **per_example)
+        if ctx.record is not None:
+            os.makedirs(folder, exist_ok=True)
+            save_npz(
+                os.path.join(folder, f"train_steps_epoch{epoch:04d}.npz"),
+                index=np.arange(ctx.record.num_examples),
+                **ctx.record.arrays,
+            )
+        ctx.writer.write(row)
+        if per_split and best.update(epoch, row):
+            _save(ctx.ckpts, "best", state, {"epoch": epoch, "metrics": row, "best": best.record})
+        _save(ctx.ckpts, "latest", state, {"epoch": epoch, "metrics": row, "best": best.record})
+
+
+def _interrupted(err: RunInterrupted, saved_epoch: int, epochs: int, workdir: str):
+    name = signal_name(err.signum)
+    if saved_epoch == epochs:
+        text = (
+            f"Stopped by {name} during the final report; all {saved_epoch} epochs are saved in "
+            f"{workdir}. Run the same command to write the report."
+        )
+    else:
+        text = (
+            f"Stopped by {name} during epoch {saved_epoch + 1}. The last finished epoch "
+            f"({saved_epoch}) is saved in {workdir}; run the same command to resume."
+        )
+    return RunInterrupted(err.signum, text)
 
 
 def _best_record(ckpts: RunCheckpoints) -> dict | None:

@@ -2,7 +2,7 @@
 
 Every expected failure ends in one line (``error: ...``) that says what is
 wrong, what is accepted and what was kept, and in the exit code documented in
-``jax_memat.training.errors`` (2 bad input, 3 workdir, 4 data, 5 resources,
+``jax_memat.experiment.errors`` (2 bad input, 3 workdir, 4 data, 5 resources,
 6 NaN loss, 128+N signal N); ``--debug`` adds the traceback. Only an
 unexpected error (a bug) prints its traceback by default, with exit code 1.
 ``--help`` prints the usage and exits 0.
@@ -37,7 +37,7 @@ _WORKDIR = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
 def exit_code(err: BaseException) -> int | None:
     """The documented exit code of an expected failure; None for a bug."""
     from jax_memat.data import DatasetNotFoundError
-    from jax_memat.training.errors import RunError
+    from jax_memat.experiment.errors import RunError
 
     if isinstance(err, RunError):
         return err.exit_code

@@ -1,4 +1,4 @@
-"""Data parallelism over all local devices.
+"""Data parallelism over all devices: the mesh, and how arrays are laid out on it.
 
 One mesh axis, ``"data"``. The train state is replicated, every batch is split
 along its leading axis, and the step is a ``jax.jit`` with explicit shardings:
@@ -43,8 +43,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    """Sharding that splits the leading (batch) axis over the ``"data"`` axis."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Sharding that splits the leading (batch) axis over the mesh's (only) axis."""
+    return NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 import numpy as np
 from absl import logging
 
-from jax_memat.training.errors import CorruptFileError, WorkdirError, WorkdirLockedError
+from jax_memat.experiment.errors import CorruptFileError, WorkdirError, WorkdirLockedError
 
 CONFIG_FILE = "config.json"
 LABELS_FILE = "labels.npz"

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jax_memat.attacks import AttackSpec, make_attack
 from jax_memat.attacks.losses import cross_entropy
 from jax_memat.data import eval_batches
-from jax_memat.training.mesh import batch_sharded, replicated, shard_batch
+from jax_memat.parallel import batch_sharded, replicated, shard_batch
 
 EvalFn = Callable[..., dict]
 

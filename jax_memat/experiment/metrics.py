@@ -10,7 +10,7 @@ from typing import Any
 
 from absl import logging
 
-from jax_memat.training.workdir import METRICS_FILE, append_line, atomic_write, read_jsonl, warn
+from jax_memat.experiment.workdir import METRICS_FILE, append_line, atomic_write, read_jsonl, warn
 
 # Wall-clock fields differ between otherwise identical runs; comparisons of
 # runs (resume tests, reproducibility checks) leave them out.
@@ -135,7 +135,7 @@ def describe_run(config: Any) -> dict[str, str]:
       ``"L-inf eps 8/255"``.
 
     Example:
-      >>> from jax_memat.training import default_config
+      >>> from jax_memat.experiment import default_config
       >>> describe_run(default_config())["threat"]
       'L-inf eps 8/255'
     """
@@ -167,7 +167,7 @@ def figure_title(title: str = "", config: Any = None) -> str:
       e.g. ``"c10_te: PGD-AT+TE · preact_resnet18 · cifar10 · L-inf eps 8/255"``.
 
     Example:
-      >>> from jax_memat.training import default_config
+      >>> from jax_memat.experiment import default_config
       >>> figure_title("run", default_config())
       'run: PGD-AT · preact_resnet18 · cifar10 · L-inf eps 8/255'
     """

@@ -32,8 +32,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jax_memat.training.errors import CorruptFileError
-from jax_memat.training.workdir import read_json, warn, write_json
+from jax_memat.experiment.errors import CorruptFileError
+from jax_memat.experiment.workdir import read_json, warn, write_json
 
 KINDS = ("init", "latest", "best")
 MANIFEST = "jax_memat_manifest.json"

@@ -9,7 +9,6 @@ restored into exactly the structure it was saved from.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -22,19 +21,14 @@ from jax.sharding import Mesh
 
 from jax_memat.attacks import AttackSpec
 from jax_memat.data import Dataset, apply_corruptions, load_dataset, steps_per_epoch
+from jax_memat.experiment.checkpoints import RunCheckpoints
+from jax_memat.experiment.config import training_attack, validate_config
+from jax_memat.experiment.workdir import CONFIG_FILE, LABELS_FILE, read_json
 from jax_memat.models import get_model, make_apply_fn
-from jax_memat.objectives import (
-    LossFn,
-    init_soft_labels,
-    make_objective,
-    with_temporal_ensembling,
-)
-from jax_memat.training.checkpoints import RunCheckpoints
-from jax_memat.training.config import validate_config
-from jax_memat.training.mesh import make_mesh
+from jax_memat.objectives import Objective, make_objective, with_temporal_ensembling
+from jax_memat.parallel import make_mesh
 from jax_memat.training.optim import make_optimizer, make_schedule
 from jax_memat.training.state import TrainState, create_train_state
-from jax_memat.training.workdir import CONFIG_FILE, LABELS_FILE, read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +41,7 @@ class RunSetup:
       schedule: learning rate per step.
       tx: the optimizer.
       attack: the training attack.
-      loss_fn: the per-example objective.
+      objective: the per-example objective (with TE when enabled).
       state: the initial (replicated) train state.
       steps_per_epoch: optimizer steps per epoch.
       keys: ``{"data": ..., "eval": ...}`` root keys derived from the seed.
@@ -58,7 +52,7 @@ class RunSetup:
     schedule: optax.Schedule
     tx: optax.GradientTransformation
     attack: AttackSpec
-    loss_fn: LossFn
+    objective: Objective
     state: TrainState
     steps_per_epoch: int
     keys: dict
@@ -116,50 +110,37 @@ def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
         weight_decay=config.optimizer.weight_decay,
         nesterov=config.optimizer.nesterov,
     )
-    a = config.attack
-    attack = AttackSpec(
-        a.name,
-        a.eps,
-        a.step_size,
-        a.steps,
-        a.norm,
-        a.random_start,
-        clip_start=a.get("clip_start", True),
-    )
-    make_loss = functools.partial(
-        make_objective,
-        config.objective.name,
-        apply_fn,
-        attack,
-        beta=config.objective.beta,
-        regularizer_output=config.te.output,
-    )
-    extra = None
+    attack = training_attack(config)
+    objective = make_objective(config.objective.name, apply_fn, attack, beta=config.objective.beta)
     if config.te.enabled:
-        loss_fn = with_temporal_ensembling(
-            make_loss,
+        objective = with_temporal_ensembling(
+            objective,
             apply_fn,
-            steps_per_epoch=spe,
             momentum=config.te.momentum,
             weight=config.te.weight,
             ramp_start=config.te.ramp_start,
             ramp_end=config.te.ramp_end,
             regularize_attack=config.te.regularize_attack,
+            output=config.te.output,
         )
-        extra = init_soft_labels(train.num_examples, train.num_classes)
-    else:
-        loss_fn = make_loss()
     # Root keys: one per consumer, derived from the seed (never carried).
     root = jax.random.key(config.seed)
     init_key, data_key, eval_key = (jax.random.fold_in(root, i) for i in range(3))
-    state = create_train_state(module, init_key, train.image_shape, tx, mesh, extra=extra)
+    state = create_train_state(
+        module,
+        init_key,
+        train.image_shape,
+        tx,
+        mesh,
+        objective_state=objective.init(train.num_examples, train.num_classes),
+    )
     return RunSetup(
         module=module,
         apply_fn=apply_fn,
         schedule=schedule,
         tx=tx,
         attack=attack,
-        loss_fn=loss_fn,
+        objective=objective,
         state=state,
         steps_per_epoch=spe,
         keys={"data": data_key, "eval": eval_key},
