@@ -468,7 +468,8 @@ def _raw_call(**overrides):
     [
         ({"norm": "l1"}, r"norm must be one of \('linf', 'l2'\)"),
         ({"init": "gaussian"}, r"init must be one of \('uniform', 'normal', 'none'\)"),
-        ({"eps": -0.1}, "eps must be >= 0"),
+        ({"eps": -0.1}, r"eps must be in \[0, 1\] under L-inf"),
+        ({"eps": 8.0}, r"eps must be in \[0, 1\] under L-inf .*, got 8.0"),
         ({"eps": float("inf")}, "eps must be finite"),
         ({"eps": float("nan")}, "eps must be finite"),
         ({"eps": jnp.asarray(0.1)}, "eps must be a Python float"),
@@ -511,7 +512,7 @@ def test_other_bad_arguments():
     [
         (AttackSpec("pgd2", 0.1, 0.01, 10), r"\('fgsm', 'pgd', 'cw', 'trades'\)"),
         (AttackSpec("pgd", 0.1, 0.01, 10, norm="l1"), r"\('linf', 'l2'\)"),
-        (AttackSpec("pgd", -0.1, 0.01, 10), "eps must be a finite float >= 0"),
+        (AttackSpec("pgd", -0.1, 0.01, 10), r"eps must be in \[0, 1\] under L-inf .*, got -0.1"),
         (AttackSpec("pgd", 0.1, None, 10), "step_size must be a finite float > 0"),
         (AttackSpec("pgd", 0.1, 0.0, 10), "step_size must be a finite float > 0"),
         (AttackSpec("pgd", 0.1, 0.01, -1), "steps must be an int >= 0"),

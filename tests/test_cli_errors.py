@@ -114,7 +114,7 @@ CASES = [
     ("checkpoints-without-config", TRAIN, [TINY], _without_config, 3,
      ["but no config.json", "refusing to start a new run over them"]),
     ("eval-eps", EVAL, ["--eps=5"], _copy_of, 2,
-     ["eps=5.0 is out of range; accepted under L-inf: a number in [0, 1]"]),
+     ["eps must be in [0, 1] under L-inf", "got 5.0"]),
     ("eval-batch-zero", EVAL, ["--batch_size=0"], _copy_of, 2,
      ["batch_size=0 is invalid; accepted: a positive multiple of 8"]),
     ("eval-steps", EVAL, ["--steps=0"], _copy_of, 2, ["steps=0 is invalid"]),
@@ -204,7 +204,7 @@ def test_unexpected_error_keeps_its_traceback(tmp_path):
     """A bug is not dressed up as an expected failure: exit 1 with the traceback."""
     script = tmp_path / "bug.py"
     script.write_text(
-        "from jax_memat import cli\n"
+        "from jax_memat.experiment import cli\n"
         "def main(argv):\n"
         "    raise ZeroDivisionError('a bug')\n"
         "cli.run(main)\n"

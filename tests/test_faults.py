@@ -35,6 +35,7 @@ from jax_memat.experiment import (
     read_metrics,
     train_and_evaluate,
 )
+from jax_memat.experiment.checkpoints import UnreadableCheckpointError
 from jax_memat.experiment.metrics import TIMING_FIELDS
 from jax_memat.experiment.workdir import WorkdirLock
 from tests.test_run import REPO, tiny_config
@@ -371,3 +372,26 @@ def test_run_saved_before_a_config_field_existed_resumes(tmp_path, reference):
         json.dump(saved, f)
     train_and_evaluate(tiny_config(epochs=3), workdir)
     assert_same_run(workdir, reference)
+
+
+def test_intact_checkpoint_of_another_train_state_is_never_set_aside(tmp_path):
+    """An intact checkpoint that does not fit this version's state stops the run, untouched."""
+    import flax
+
+    @flax.struct.dataclass
+    class State:
+        step: jax.Array
+        w: jax.Array
+
+    workdir = str(tmp_path / "run")
+    ckpts = RunCheckpoints(workdir)
+    ckpts.save("latest", State(jax.numpy.int32(3), jax.numpy.ones(3)), {"epoch": 1})
+    ckpts.save("init", State(jax.numpy.int32(0), jax.numpy.zeros(3)), {"epoch": 0})
+    before = snapshot(workdir)
+    other = State(jax.numpy.int32(0), jax.numpy.zeros(4))  # another shape: another version
+    with pytest.raises(UnreadableCheckpointError) as err:
+        ckpts.restore_newest(other)
+    ckpts.close()
+    assert "Its files match their manifest, so it is intact" in str(err.value)
+    assert "latest/3" in str(err.value) and "left in place" in str(err.value)
+    assert snapshot(workdir) == before  # not moved, and init was not tried instead

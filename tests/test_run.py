@@ -191,15 +191,15 @@ def _snapshot(path):
         ("model.name", "resnet50", "model.name='resnet50' is not accepted"),
         ("objective.name", "mart", "objective.name='mart' is not accepted"),
         ("schedule.name", "linear", "schedule.name='linear' is not accepted"),
-        ("attack.norm", "l1", "attack.norm='l1' is not accepted"),
+        ("attack.norm", "l1", r"attack.norm must be one of \('linf', 'l2'\), got 'l1'"),
         ("attack.name", "apgd", "attack.name='apgd' is not accepted"),
         ("attack.name", "fgsm", "attack.name='fgsm' takes exactly 1 step"),
         (
             "attack.eps",
             2.0,
-            r"attack.eps=2.0 is out of range; accepted under L-inf: a number in \[0, 1\]",
+            r"attack.eps must be in \[0, 1\] under L-inf .*, got 2.0",
         ),
-        ("attack.step_size", 0.0, "attack.step_size=0.0 is out of range"),
+        ("attack.step_size", 0.0, "attack.step_size must be a finite float > 0, got 0.0"),
         ("dataset.label_noise", 1.5, "dataset.label_noise=1.5 is out of range"),
         (
             "batch_size",

@@ -36,6 +36,16 @@ from jax_memat.experiment.errors import CorruptFileError
 from jax_memat.experiment.workdir import read_json, warn, write_json
 
 KINDS = ("init", "latest", "best")
+
+
+class UnreadableCheckpointError(CorruptFileError):
+    """A checkpoint whose files are not known to be damaged could not be restored.
+
+    Unlike a checkpoint whose manifest shows damage, it is never set aside or
+    skipped: it may be intact but from another version of the train state.
+    """
+
+
 MANIFEST = "jax_memat_manifest.json"
 CORRUPT_DIR = "corrupt"
 # How many steps each kind keeps: two latest ones, so that a damaged latest
@@ -180,9 +190,18 @@ class RunCheckpoints:
             )
         except Exception as err:  # orbax/tensorstore raise many types; all mean "unreadable"
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CorruptFileError(
-                f"The {kind} checkpoint {self.step_dir(kind, step)} could not be read "
-                f"({type(err).__name__}: {message[:300]})."
+            verified = os.path.exists(os.path.join(self.step_dir(kind, step), MANIFEST))
+            raise UnreadableCheckpointError(
+                f"The {kind} checkpoint {self.step_dir(kind, step)} could not be restored into "
+                f"this run's train state ({type(err).__name__}: {message[:300]}). "
+                + (
+                    "Its files match their manifest, so it is intact: it was written by a "
+                    "version of jax_memat with another train state; use that version."
+                    if verified
+                    else "It has no manifest (written by an older version, or its save was "
+                    "cut short): it may be damaged, or from a version with another train state."
+                )
+                + " It was left in place."
             ) from None
         meta = dict(restored["meta"] or {})
         if "epoch" not in meta:
@@ -195,9 +214,13 @@ class RunCheckpoints:
         """Restores the newest intact checkpoint, setting damaged ones aside.
 
         Candidates, newest step first (at equal steps ``latest`` before
-        ``best`` before ``init``): every kept step of every kind. A damaged
-        one is moved to ``checkpoints/corrupt/`` (never deleted) with a
-        warning naming what was wrong, and the next is tried.
+        ``best`` before ``init``): every kept step of every kind. One whose
+        files do not match their manifest is moved to ``checkpoints/corrupt/``
+        (never deleted) with a warning naming what was wrong, and the next is
+        tried. One that fails to restore while its files are not known to be
+        damaged stops the search (``UnreadableCheckpointError``): it may be
+        intact but from another version, and resuming from an older one would
+        silently redo work.
 
         Returns:
           ``(kind, state, meta)``, or None when no checkpoint is kept.
@@ -214,6 +237,8 @@ class RunCheckpoints:
         for step, kind in candidates:
             try:
                 state, meta = self.restore(kind, target, step)
+            except UnreadableCheckpointError:
+                raise  # not known to be damaged: never skipped for an older one
             except CorruptFileError as err:
                 skipped.append(str(err))
                 self._set_aside(kind, step, str(err))

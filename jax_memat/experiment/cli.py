@@ -94,7 +94,7 @@ def _config_flag_message(err: Exception) -> str:
         name, _, hint = text.partition(" ")
         return (
             f"unknown config field {name.strip(chr(39))!r}{' (' + hint + ')' if hint else ''}. "
-            "The fields and their defaults are in jax_memat/training/config.py (default_config)."
+            "The fields and their defaults are in jax_memat/experiment/config.py (default_config)."
         )
     return f"bad --config: {text}"
 

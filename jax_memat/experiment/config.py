@@ -309,7 +309,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"record.train_per_example={record!r}: use True or False.",
         )
     except AttributeError as err:
-        errors.append(f"missing field: {err}. Start from jax_memat.training.default_config().")
+        errors.append(f"missing field: {err}. Start from jax_memat.experiment.default_config().")
 
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))

@@ -341,6 +341,7 @@ class _Context:
     hooks: Sequence[Hook]
     record: TrainRecord | None
     bar: Any
+    saved_epoch: int = 0  # the last epoch whose checkpoint is on disk
 
 
 def _train(config, workdir, train, test, mesh, plan, hooks, guard) -> dict:
@@ -418,7 +419,7 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard) -> dict:
             dynamic_ncols=True,
         ),
     )
-    saved_epoch = start_epoch
+    ctx.saved_epoch = start_epoch
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             state, row = _train_epoch(ctx, state, epoch)
@@ -426,7 +427,6 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard) -> dict:
             if epoch % config.eval.every_epochs == 0 or epoch == config.epochs:
                 per_split = _evaluate_epoch(ctx, state, epoch, row)
             _write_epoch(ctx, state, epoch, row, per_split, best)
-            saved_epoch = epoch
             ctx.bar.write(_summary_line(row))
         ctx.bar.close()
         report = _final_report(
@@ -436,7 +436,7 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard) -> dict:
             write_json(os.path.join(workdir, REPORT_FILE), report)
             _plot(config, workdir)
     except RunInterrupted as err:
-        raise _interrupted(err, saved_epoch, config.epochs, workdir) from None
+        raise _interrupted(err, ctx.saved_epoch, config.epochs, workdir) from None
     finally:
         ctx.bar.close()
         ctx.writer.close()
@@ -530,6 +530,8 @@ def _write_epoch(ctx, state, epoch, row, per_split, best: BestTracker) -> None:
         if per_split and best.update(epoch, row):
             _save(ctx.ckpts, "best", state, {"epoch": epoch, "metrics": row, "best": best.record})
         _save(ctx.ckpts, "latest", state, {"epoch": epoch, "metrics": row, "best": best.record})
+        # Inside the section: a signal held during it is raised at its end, after this.
+        ctx.saved_epoch = epoch
 
 
 def _interrupted(err: RunInterrupted, saved_epoch: int, epochs: int, workdir: str):
