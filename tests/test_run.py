@@ -200,7 +200,7 @@ def _snapshot(path):
             r"attack.eps must be in \[0, 1\] under L-inf .*, got 2.0",
         ),
         ("attack.step_size", 0.0, "attack.step_size must be a finite float > 0, got 0.0"),
-        ("dataset.label_noise", 1.5, "dataset.label_noise=1.5 is out of range"),
+        ("dataset.label_noise", 1.5, r"dataset.label_noise: label noise rate must be a number in \[0, 1\], got 1.5"),
         (
             "batch_size",
             12,

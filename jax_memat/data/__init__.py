@@ -30,6 +30,7 @@ from jax_memat.data.corruptions import (
     apply_corruptions,
     corrupt_images,
     corrupt_labels,
+    label_noise_problem,
 )
 from jax_memat.data.dataset import Dataset, DatasetNotFoundError
 from jax_memat.data.idx import read_idx
@@ -70,6 +71,7 @@ __all__ = [
     "augment",
     "corrupt_images",
     "corrupt_labels",
+    "label_noise_problem",
     "dataset_spec",
     "epoch_permutation",
     "eval_batches",

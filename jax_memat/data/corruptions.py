@@ -23,6 +23,18 @@ IMAGE_CORRUPTIONS = ("none", "shuffled_pixels", "random_pixels", "gaussian")
 _CHUNK = 4096
 
 
+def label_noise_problem(rate: object) -> str:
+    """What is wrong with a label-noise rate (``""`` when nothing): a number in [0, 1].
+
+    The one rule, used by ``corrupt_labels`` and config validation.
+    """
+    if isinstance(rate, bool) or not isinstance(rate, int | float | np.floating | np.integer):
+        return f"label noise rate must be a number in [0, 1], got {rate!r}"
+    if not 0.0 <= rate <= 1.0:  # also rejects NaN
+        return f"label noise rate must be a number in [0, 1], got {rate!r}"
+    return ""
+
+
 def corrupt_labels(labels: np.ndarray, num_classes: int, rate: float, seed: int) -> np.ndarray:
     """Symmetric label noise, as in the authors' code.
 
@@ -61,8 +73,9 @@ def corrupt_labels(labels: np.ndarray, num_classes: int, rate: float, seed: int)
         raise ValueError(f"num_classes must be an int; got {num_classes!r}.")
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive; got {num_classes}.")
-    if not 0.0 <= rate <= 1.0:  # Also rejects NaN.
-        raise ValueError(f"The label noise rate must be in [0, 1]; got {rate!r}.")
+    problem = label_noise_problem(rate)
+    if problem:
+        raise ValueError(problem)
     rng = _random.generator(seed, "label_noise")
     # Draw for every example (not only the redrawn ones) so that the noise is
     # nested across rates; `<` so that rate 0 never redraws (random() can be 0).

@@ -14,7 +14,13 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from jax_memat.attacks import AttackSpec, threat_model_problems
-from jax_memat.data import DATASET_NAMES, SOURCES, SPLIT_SIZES, dataset_spec
+from jax_memat.data import (
+    DATASET_NAMES,
+    SOURCES,
+    SPLIT_SIZES,
+    dataset_spec,
+    label_noise_problem,
+)
 from jax_memat.data.corruptions import IMAGE_CORRUPTIONS
 from jax_memat.experiment.errors import ConfigError, WorkdirConflictError
 from jax_memat.experiment.workdir import CONFIG_FILE, read_json, write_json
@@ -210,7 +216,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         one_of(d.source, SOURCES, "dataset.source")
         positive_int(d.num_train_examples, "dataset.num_train_examples", allow_minus_one=True)
         positive_int(d.num_test_examples, "dataset.num_test_examples", allow_minus_one=True)
-        number(d.label_noise, "dataset.label_noise", 0.0, 1.0)
+        problem = label_noise_problem(d.label_noise)
+        check(not problem, f"dataset.label_noise: {problem}.")
         one_of(d.image_corruption, IMAGE_CORRUPTIONS, "dataset.image_corruption")
         positive_int(d.crop_padding, "dataset.crop_padding", allow_zero=True)
         if d.name in DATASET_NAMES:
