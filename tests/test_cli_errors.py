@@ -17,8 +17,7 @@ import pytest
 
 from jax_memat.experiment import train_and_evaluate
 from jax_memat.experiment.workdir import WorkdirLock
-from tests.test_faults import snapshot
-from tests.test_run import REPO, tiny_config
+from tests.test_run import REPO, snapshot, tiny_config
 
 TINY = "--config=tests/tiny_cli_config.py"
 

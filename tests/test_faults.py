@@ -10,7 +10,6 @@ byte for byte as it was).
 
 import errno
 import glob
-import hashlib
 import os
 import re
 import shlex
@@ -38,7 +37,7 @@ from jax_memat.experiment import (
 from jax_memat.experiment.checkpoints import UnreadableCheckpointError
 from jax_memat.experiment.metrics import TIMING_FIELDS
 from jax_memat.experiment.workdir import WorkdirLock
-from tests.test_run import REPO, tiny_config
+from tests.test_run import REPO, snapshot, tiny_config
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,17 +56,6 @@ def _kill_at(step_to_kill):
 
 def _strip(rows):
     return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
-
-
-def snapshot(path):
-    """{relative path: sha256} of every file under ``path``."""
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")

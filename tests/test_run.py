@@ -174,7 +174,8 @@ def test_outputs_and_best_checkpoint(tmp_path):
         ckpts.close()
 
 
-def _snapshot(path):
+def snapshot(path):
+    """{relative path: sha256} of every file under ``path``."""
     out = {}
     for root, _, files in os.walk(path):
         for f in files:
@@ -200,7 +201,11 @@ def _snapshot(path):
             r"attack.eps must be in \[0, 1\] under L-inf .*, got 2.0",
         ),
         ("attack.step_size", 0.0, "attack.step_size must be a finite float > 0, got 0.0"),
-        ("dataset.label_noise", 1.5, r"dataset.label_noise: label noise rate must be a number in \[0, 1\], got 1.5"),
+        (
+            "dataset.label_noise",
+            1.5,
+            r"dataset.label_noise: label noise rate must be a number in \[0, 1\], got 1.5",
+        ),
         (
             "batch_size",
             12,
@@ -240,12 +245,12 @@ def test_missing_dataset_is_reported_and_nothing_written(tmp_path):
 def test_workdir_of_another_config_is_left_untouched(tmp_path):
     workdir = str(tmp_path / "w")
     train_and_evaluate(tiny_config(epochs=1), workdir)
-    before = _snapshot(workdir)
+    before = snapshot(workdir)
     other = tiny_config(epochs=1)
     other.attack.eps = 0.2
     with pytest.raises(WorkdirConflictError, match=r"attack.eps: saved 0.1, now 0.2"):
         train_and_evaluate(other, workdir)
-    assert _snapshot(workdir) == before
+    assert snapshot(workdir) == before
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -300,11 +305,11 @@ def test_cli_end_to_end(tmp_path):
     assert saved["model"]["name"] == "small_cnn" and saved["epochs"] == 2
     assert [r["epoch"] for r in read_metrics(workdir)] == [1, 2]
     # Running it again finds the run finished: nothing is rewritten.
-    before = _snapshot(workdir)
+    before = snapshot(workdir)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "has finished all 2 epochs; nothing to do" in proc.stdout
-    assert _snapshot(workdir) == before
+    assert snapshot(workdir) == before
     # A bad field fails with exit code 2 and a clear message, before compiling.
     bad = [*cmd[: -len(overrides)], "--config.model.name=resnet50"]
     proc = subprocess.run(bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
