@@ -120,6 +120,8 @@ CASES = [
     ("eval-unknown-checkpoint", EVAL, ["--checkpoint=77"], _copy_of, 3,
      ["keeps no 77 checkpoint", "latest: steps [3]"]),
     ("eval-no-run", EVAL, [], _empty, 3, ["holds no training run (config.json is missing)"]),
+    ("eval-output-under-a-file", EVAL, ["--output=tests/__init__.py/x.json"], _copy_of, 3,
+     ["output folder", "tests/__init__.py is a file, not a folder"]),
     ("eval-unknown-attack", EVAL, ["--attack=fgsm"], _copy_of, 2,
      ["--attack", "fgsm"]),
 ]  # fmt: skip

@@ -300,7 +300,8 @@ def _cli(workdir, *extra, shell_prefix=""):
     )
 
 
-def test_sigterm_mid_run_keeps_the_last_finished_epoch(tmp_path, reference):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_mid_run_keeps_the_last_finished_epoch(tmp_path, reference, signum):
     workdir = str(tmp_path / "run")
     proc = _cli(workdir)
     metrics = os.path.join(workdir, "metrics.jsonl")
@@ -309,11 +310,12 @@ def test_sigterm_mid_run_keeps_the_last_finished_epoch(tmp_path, reference):
         if os.path.exists(metrics) and read_metrics(workdir):
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert proc.returncode == 128 + signum, err[-2000:]
     assert "Traceback" not in err
-    m = re.search(r"Stopped by SIGTERM during (epoch \d+|the final report)\. (.*) saved", err)
+    name = signal.Signals(signum).name
+    m = re.search(rf"Stopped by {name} during (epoch \d+|the final report)\. (.*) saved", err)
     assert m, err[-2000:]
     saved = load_run(workdir, "latest").meta["epoch"]
     expected = (

@@ -97,7 +97,7 @@ def check_output(path: str) -> None:
 
     if os.path.isdir(path):
         raise WorkdirError(f"The output {path} is a folder; give a file name (.json).")
-    check_workdir_path(os.path.dirname(os.path.abspath(path)))
+    check_workdir_path(os.path.dirname(os.path.abspath(path)), what="output folder")
 
 
 def run_evaluation(

@@ -294,8 +294,10 @@ class WorkdirSurvey:
         return max((int(r.get("epoch", 0)) for r in self.metrics_rows), default=0)
 
 
-def check_workdir_path(workdir: str) -> None:
+def check_workdir_path(workdir: str, what: str = "workdir") -> None:
     """Raises ``WorkdirError`` unless ``workdir`` is (or can become) a writable folder.
+
+    ``what`` names the folder in the message (``"workdir"``, ``"output folder"``).
 
     Checked before anything is written or compiled: a path that is a file,
     under a file, or in a folder this user cannot write to.
@@ -303,11 +305,11 @@ def check_workdir_path(workdir: str) -> None:
     path = os.path.abspath(workdir)
     if os.path.exists(path):
         if not os.path.isdir(path):
-            raise WorkdirError(f"The workdir {workdir} is a file, not a folder; use another path.")
+            raise WorkdirError(f"The {what} {workdir} is a file, not a folder; use another path.")
         if not os.access(path, os.W_OK | os.X_OK):
             raise WorkdirError(
-                f"The workdir {workdir} is not writable by this user; nothing was written. "
-                "Use a writable --workdir (or fix its permissions)."
+                f"The {what} {workdir} is not writable by this user; nothing was written. "
+                f"Use a writable {what} (or fix its permissions)."
             )
         return
     parent = path
@@ -315,11 +317,11 @@ def check_workdir_path(workdir: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise WorkdirError(
-            f"The workdir {workdir} cannot be created: {parent} is a file, not a folder."
+            f"The {what} {workdir} cannot be created: {parent} is a file, not a folder."
         )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise WorkdirError(
-            f"The workdir {workdir} cannot be created: {parent} is not writable by this user."
+            f"The {what} {workdir} cannot be created: {parent} is not writable by this user."
         )
 
 
