@@ -151,3 +151,25 @@ def test_te_table_counts_per_cell_and_flags_stale_evaluations(finished_runs, tmp
 def test_te_table_rejects_no_finished_runs(tmp_path):
     with pytest.raises(SystemExit, match="No finished runs"):
         te_table.main([str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_random_labels_figure(tmp_path):
+    import experiments.random_labels_figure as figure
+    from jax_memat.experiment import read_metrics
+
+    config = tiny_config(epochs=2)
+    config.dataset.label_noise = 1.0
+    workdir = str(tmp_path / "rl")
+    train_and_evaluate(config, workdir)
+    out = str(tmp_path / "figure.png")
+    assert figure.main([workdir, "--out", out]) == 0
+    assert os.path.getsize(out) > 10_000
+    with open(str(tmp_path / "figure.json")) as f:
+        (summary,) = json.load(f)
+    last = read_metrics(workdir)[-1]
+    assert summary["label"] == "PGD-AT, r=1, small_cnn"
+    assert summary["epoch"] == 2
+    assert summary["train_pgd_accuracy"] == last["train_pgd_accuracy"]
+    assert summary["test_natural_accuracy"] == last["test_natural_accuracy"]
+    # A folder that holds no run is refused with exit code 2.
+    assert figure.main([str(tmp_path), "--out", out]) == 2
