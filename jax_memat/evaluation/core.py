@@ -1,8 +1,9 @@
 """Natural and adversarial accuracy with per-example results.
 
 Evaluation walks the dataset in fixed-shape batches (the last one padded and
-masked) so it compiles once, and returns per-example arrays (correctness and
-loss under each attack) for the memorization analyses, plus their means.
+masked) so it compiles once, and returns per-example arrays (correctness, loss
+and margin under each attack) for the memorization analyses, plus
+the means of the correctness and loss arrays.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jax.sharding import Mesh
 from jax_memat.attacks import AttackSpec, make_attack
 from jax_memat.attacks.losses import cross_entropy
 from jax_memat.data import eval_batches
+from jax_memat.objectives import margin
 from jax_memat.parallel import batch_sharded, replicated, shard_batch
 
 EvalFn = Callable[..., dict]
@@ -32,9 +34,12 @@ def make_eval_fn(apply_fn, attacks: Mapping[str, AttackSpec], mesh: Mesh) -> Eva
       mesh: the device mesh; the dataset is replicated, the indices split.
 
     Returns:
-      A function whose output has, per example, ``natural_correct`` and
-      ``natural_loss`` and, for every attack name ``a``, ``a_correct`` and
-      ``a_loss`` (cross-entropy at the adversarial point).
+      A function whose output has, per example, ``natural_correct``,
+      ``natural_loss`` and ``natural_margin`` and, for every attack name ``a``,
+      ``a_correct``, ``a_loss`` (cross-entropy at the adversarial point) and
+      ``a_margin``. A margin is ``logit[y] - max_{k != y} logit[k]`` on the
+      evaluated label ``y``: positive when the example is classified as ``y``,
+      and how far from it when not (the memorization analyses read it).
     """
     runners = {}
     for name, spec in attacks.items():
@@ -48,12 +53,14 @@ def make_eval_fn(apply_fn, attacks: Mapping[str, AttackSpec], mesh: Mesh) -> Eva
         out = {
             "natural_correct": jnp.argmax(logits, -1) == y,
             "natural_loss": cross_entropy(logits, y),
+            "natural_margin": margin(logits, y),
         }
         for i, (name, run) in enumerate(sorted(runners.items())):
             x_adv = run(apply_fn, variables, x, y, jax.random.fold_in(key, i))
             adv_logits, _ = apply_fn(variables, x_adv, False)
             out[f"{name}_correct"] = jnp.argmax(adv_logits, -1) == y
             out[f"{name}_loss"] = cross_entropy(adv_logits, y)
+            out[f"{name}_margin"] = margin(adv_logits, y)
         return out
 
     rep, split = replicated(mesh), batch_sharded(mesh)
@@ -90,7 +97,8 @@ def evaluate(
     Returns:
       ``(per_example, summary)``: numpy arrays of length ``num_examples`` (with
       ``index``, the row of each example) and the mean of every ``*_correct``
-      array as ``*_accuracy`` and of every ``*_loss`` array.
+      array as ``*_accuracy`` and of every ``*_loss`` array (margins have no
+      summary).
     """
     n = int(labels.shape[0]) if num_examples is None else int(num_examples)
     if not 0 < n <= labels.shape[0]:

@@ -13,6 +13,9 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from jax_memat.analysis.memorization import read_hard_examples
 from jax_memat.attacks import AttackSpec, threat_model_problems
 from jax_memat.data import (
     DATASET_NAMES,
@@ -70,6 +73,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset.augment = True  # random crop + horizontal flip
     c.dataset.crop_padding = 4
     c.dataset.flip = True
+    # A hard-example list file (jax_memat.analysis.write_hard_examples): its rows of
+    # the training set are left out of the run (the retraining experiment of the
+    # memorization study); "" = none. See docs/memorization.md.
+    c.dataset.exclude_examples = ""
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "preact_resnet18"
@@ -167,10 +174,16 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = True) -> None:
     """Checks every field; raises ``ConfigError`` listing all problems found.
 
     Runs before any data is loaded or anything compiles.
+
+    Args:
+      config: the config.
+      check_files: also read and check the files the config names (the
+        ``dataset.exclude_examples`` list). ``load_run`` turns it off: a
+        finished run keeps the rows it left out in its ``labels.npz``.
     """
     c = config
     errors: list[str] = []
@@ -219,6 +232,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         problem = label_noise_problem(d.label_noise)
         check(not problem, f"dataset.label_noise: {problem}.")
         one_of(d.image_corruption, IMAGE_CORRUPTIONS, "dataset.image_corruption")
+        # Absent from configs saved before the option existed: nothing was left out.
+        exclude = d.get("exclude_examples", "")
+        check(
+            isinstance(exclude, str),
+            f"dataset.exclude_examples={exclude!r}: use the path of a hard-example list file "
+            '(jax_memat.analysis.write_hard_examples), or "" for none.',
+        )
+        if check_files and isinstance(exclude, str) and exclude:
+            errors.extend(_exclusion_problems(c))
         positive_int(d.crop_padding, "dataset.crop_padding", allow_zero=True)
         if d.name in DATASET_NAMES:
             (height, width, _), _ = dataset_spec(d.name)
@@ -320,6 +342,52 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _exclusion_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """What is wrong with the list ``dataset.exclude_examples`` names, for this config."""
+    d, field = config.dataset, "dataset.exclude_examples"
+    try:
+        listed = read_hard_examples(d.exclude_examples)
+    except (OSError, ValueError) as err:
+        return [f"{field}: {err}"]
+    if d.name not in DATASET_NAMES or not (
+        _is_int(d.num_train_examples) and (d.num_train_examples > 0 or d.num_train_examples == -1)
+    ):
+        return []  # reported above; the list cannot be checked against the dataset
+    num_train = expected_split_sizes(config)[0]
+    try:
+        listed.check_for(d.name, num_train)
+    except ValueError as err:
+        return [f"{field}: {err}"]
+    left = num_train - listed.indices.size
+    if _is_int(config.batch_size) and left < config.batch_size:
+        return [
+            f"{field}: leaving out {listed.indices.size} of the {num_train} training examples "
+            f"leaves {left}, fewer than batch_size={config.batch_size}; accepted: a list that "
+            "leaves at least one batch."
+        ]
+    return []
+
+
+def excluded_examples(config: ml_collections.ConfigDict) -> np.ndarray | None:
+    """The training rows ``dataset.exclude_examples`` lists (sorted), or None when it is ``""``.
+
+    Raises:
+      ConfigError: the file is missing or not a hard-example list.
+
+    Example:
+      >>> config.dataset.exclude_examples = "workdirs/run/hard.json"
+      >>> excluded_examples(config)[:3]
+      array([4, 17, 388])
+    """
+    path = config.dataset.get("exclude_examples", "")
+    if not path:
+        return None
+    try:
+        return np.sort(read_hard_examples(path).indices)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"Invalid config:\n  - dataset.exclude_examples: {err}") from None
 
 
 def training_attack(config: ml_collections.ConfigDict) -> AttackSpec:

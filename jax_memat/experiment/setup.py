@@ -22,7 +22,8 @@ from jax.sharding import Mesh
 from jax_memat.attacks import AttackSpec
 from jax_memat.data import Dataset, apply_corruptions, load_dataset, steps_per_epoch
 from jax_memat.experiment.checkpoints import RunCheckpoints
-from jax_memat.experiment.config import training_attack, validate_config
+from jax_memat.experiment.config import excluded_examples, training_attack, validate_config
+from jax_memat.experiment.errors import ConfigError
 from jax_memat.experiment.workdir import CONFIG_FILE, LABELS_FILE, read_json
 from jax_memat.models import get_model, make_apply_fn
 from jax_memat.objectives import Objective, make_objective, with_temporal_ensembling
@@ -58,8 +59,35 @@ class RunSetup:
     keys: dict
 
 
-def load_data(config) -> tuple[Dataset, Dataset, dict]:
-    """The training set (with the config's corruptions), the test set, and the labels record."""
+def load_data(config, *, excluded: np.ndarray | None = None) -> tuple[Dataset, Dataset, dict]:
+    """The training set (with the config's corruptions), the test set, and the labels record.
+
+    With ``dataset.exclude_examples`` set, the listed rows are left out of the
+    training set after the corruptions are applied, so every kept example has
+    the label it had in the run the list came from. The kept rows are
+    renumbered ``0 .. N - k - 1`` (row ``i`` is index ``i``, as everywhere in a
+    run: batches, the TE table, the per-example records), and the record says
+    which example each row is.
+
+    Args:
+      config: a validated config.
+      excluded: the rows to leave out, overriding the config's file (``load_run``
+        passes the ones the run saved in ``labels.npz``).
+
+    Returns:
+      ``(train, test, record)``. ``record`` holds ``labels``, ``clean_labels``
+      and ``changed`` per training row and, when rows were left out,
+      ``original_index`` (int [N - k], each row's index in the full training
+      set) and ``excluded_index`` (int [k], sorted).
+
+    Raises:
+      ConfigError: the exclusion file is missing or invalid.
+
+    Example:
+      >>> train, test, record = load_data(config)
+      >>> record["original_index"][:3]  # with rows 1 and 2 left out
+      array([0, 3, 4])
+    """
     d = config.dataset
     kwargs = {"data_dir": d.data_dir or None, "source": d.source, "seed": config.seed}
     n_train = None if d.num_train_examples < 0 else d.num_train_examples
@@ -72,7 +100,29 @@ def load_data(config) -> tuple[Dataset, Dataset, dict]:
         image_corruption=d.image_corruption,
         seed=d.corruption_seed,
     )
+    if excluded is None:
+        excluded = excluded_examples(config)
+    if excluded is not None:
+        train, record = _leave_out(train, record, np.asarray(excluded, np.int64))
     return train, test, record
+
+
+def _leave_out(train: Dataset, record: dict, excluded: np.ndarray) -> tuple[Dataset, dict]:
+    n = train.num_examples
+    if excluded.size and (excluded.min() < 0 or excluded.max() >= n):
+        raise ConfigError(
+            f"Invalid config:\n  - dataset.exclude_examples: rows must lie in [0, {n}); got "
+            f"{int(excluded.min())} .. {int(excluded.max())}."
+        )
+    keep = np.setdiff1d(np.arange(n), excluded)
+    source = f"{train.source}; {n - keep.size} examples left out" if train.source else ""
+    train = dataclasses.replace(
+        train, images=train.images[keep], labels=train.labels[keep], source=source
+    )
+    record = {k: v[keep] for k, v in record.items()}
+    record["original_index"] = keep
+    record["excluded_index"] = np.setdiff1d(np.arange(n), keep)
+    return train, record
 
 
 def model_from_config(config, num_classes: int) -> nn.Module:
@@ -203,13 +253,17 @@ def load_run(
             "step number."
         )
     config = ml_collections.ConfigDict(read_json(path))
-    validate_config(config)
+    # The rows a run left out are in its labels.npz: its exclusion file is not needed.
+    validate_config(config, check_files=False)
     mesh = make_mesh(devices)
-    train, test, record = load_data(config)
     labels_path = os.path.join(workdir, LABELS_FILE)
+    saved = {}
     if os.path.exists(labels_path):
-        with np.load(labels_path) as saved:
-            train = dataclasses.replace(train, labels=saved["labels"].astype(np.int32))
+        with np.load(labels_path) as f:
+            saved = {k: f[k] for k in f.files}
+    train, test, record = load_data(config, excluded=saved.get("excluded_index"))
+    if "labels" in saved:
+        train = dataclasses.replace(train, labels=saved["labels"].astype(np.int32))
     setup = build_run(config, train, mesh)
     ckpts = RunCheckpoints(workdir)
     try:
