@@ -24,6 +24,7 @@ LAYERS = {
     "experiment": 6,
     "main": 7,
     "evaluate": 7,
+    "analyze": 7,
 }
 
 
