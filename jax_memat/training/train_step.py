@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,34 @@ StepFn = Callable[..., tuple]
 # What the step can return per example (``per_example=True``), each [B] and
 # sharded along the batch like the batch itself.
 PER_EXAMPLE_OUTPUTS = ("index", "label", "loss", "margin", "correct")
+# The metrics every step returns; a probe's metrics must not reuse these names.
+STEP_METRICS = ("loss", "accuracy", "grad_norm_sq", "finite")
+
+
+class StepView(NamedTuple):
+    """What a probe sees of one train step (read only: a probe cannot change the step).
+
+    Attributes:
+      state: the ``TrainState`` before the step.
+      new_state: the ``TrainState`` after it.
+      batch: the step's batch.
+      info: the ``StepInfo`` the objective was called with (same key, so a
+        probe that calls the objective again crafts the same attack).
+      grads: the gradient of the batch-mean loss at ``state.params``, as handed
+        to the optimizer.
+      objective: the step's ``Objective``.
+    """
+
+    state: TrainState
+    new_state: TrainState
+    batch: dict
+    info: StepInfo
+    grads: Any
+    objective: Objective
+
+
+# probe(view) -> {name: scalar}: extra metrics computed inside the jitted step.
+Probe = Callable[[StepView], dict[str, jax.Array]]
 
 
 def step_keys(rng: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
@@ -38,6 +67,7 @@ def train_step(
     tx: optax.GradientTransformation,
     steps_per_epoch: int | None = None,
     per_example: bool = False,
+    probe: Probe | None = None,
 ) -> tuple:
     """One optimizer step on the mean of a per-example objective (unjitted).
 
@@ -51,6 +81,10 @@ def train_step(
       steps_per_epoch: turns the step into the 1-based epoch the objective
         sees (``StepInfo.epoch``; None when not given).
       per_example: also return the per-example outputs.
+      probe: computes extra scalar metrics from a ``StepView`` of the step
+        (e.g. ``jax_memat.analysis.GradStats``); it only reads, so the new
+        state is the same with or without it. Its names must differ from
+        ``STEP_METRICS``.
 
     Returns:
       ``(new_state, metrics)``, or ``(new_state, metrics, per_example)`` with
@@ -91,6 +125,15 @@ def train_step(
         opt_state=opt_state,
         objective_state=aux.objective_state,
     )
+    if probe is not None:
+        extra = probe(StepView(state, new_state, batch, info, grads, objective))
+        clash = sorted(set(extra) & set(metrics))
+        if clash:
+            raise ValueError(
+                f"The probe's metrics {clash} reuse the step's own names {STEP_METRICS}; "
+                "rename them."
+            )
+        metrics.update(extra)
     if not per_example:
         return new_state, metrics
     outputs = {
@@ -110,6 +153,7 @@ def make_train_step(
     *,
     steps_per_epoch: int | None = None,
     per_example: bool = False,
+    probe: Probe | None = None,
 ) -> StepFn:
     """Jits ``train_step`` over ``mesh``: state replicated (and donated), batch split.
 
@@ -119,6 +163,9 @@ def make_train_step(
       mesh: the device mesh.
       steps_per_epoch: see ``train_step`` (needed by temporal ensembling).
       per_example: return the per-example outputs too, sharded along the batch.
+      probe: extra metrics from each step (see ``train_step``); e.g.
+        ``GradStats(every_steps=50)`` from ``jax_memat.analysis``, whose
+        optimizer ``grad_stats.optimizer(tx)`` the state must be built with.
 
     Example:
       >>> step = make_train_step(objective, tx, make_mesh(), steps_per_epoch=390)
@@ -138,6 +185,7 @@ def make_train_step(
             tx=tx,
             steps_per_epoch=steps_per_epoch,
             per_example=per_example,
+            probe=probe,
         )
 
     rep, split = replicated(mesh), batch_sharded(mesh)
