@@ -14,6 +14,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jax_memat")
 LAYERS = {
     "parallel": 0,
+    "fileio": 0,
     "data": 1,
     "models": 1,
     "attacks": 2,

@@ -42,17 +42,17 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from jax_memat.fileio import atomic_write
 
 # The run's workdir layout (see the module docstring).
 CONFIG_FILE = "config.json"
@@ -68,8 +68,6 @@ NEVER_LEARNED = -1
 HARD_EXAMPLES_FORMAT = "jax_memat.hard_examples"
 HARD_EXAMPLES_VERSION = 1
 # The process's umask, for the mode of written files (setting it is the only way to read it).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 _EPOCH_FILE = {
     "eval": r"^{split}_epoch(\d+)\.npz$",
@@ -658,7 +656,7 @@ def write_hard_examples(path: str, indices: Sequence[int], meta: Mapping | None 
         sort_keys=True,
         allow_nan=False,
     )
-    with _atomic_file(path, "w") as f:
+    with atomic_write(path, "w") as f:
         f.write(text + "\n")
     return path
 
@@ -857,21 +855,3 @@ def _describe_epochs(epochs: np.ndarray) -> str:
         f"{epochs.size} epochs, {', '.join(str(int(e)) for e in epochs[:3])}, ..., "
         f"{', '.join(str(int(e)) for e in epochs[-3:])}"
     )
-
-
-@contextlib.contextmanager
-def _atomic_file(path: str, mode: str):
-    """A temporary file beside ``path``, renamed over it once written whole."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from co-workers
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise

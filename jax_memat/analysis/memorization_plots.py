@@ -9,9 +9,9 @@ import numpy as np
 from jax_memat.analysis.memorization import (
     HardExamples,
     MemorizationRecords,
-    _atomic_file,
     hard_examples,
 )
+from jax_memat.fileio import atomic_write
 
 # Quartile bands are drawn this transparent, so overlapping groups stay readable.
 _BAND_ALPHA = 0.2
@@ -133,7 +133,7 @@ def plot_loss_distributions(
         fig.suptitle(title)
     fig.tight_layout()
     try:
-        with _atomic_file(path, "wb") as f:  # a reader never sees half a file
+        with atomic_write(path, "wb") as f:  # a reader never sees half a file
             fig.savefig(f, format="png", dpi=120)
     finally:
         plt.close(fig)

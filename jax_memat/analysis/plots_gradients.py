@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Sequence
 
 from jax_memat.analysis.grad_stats import NORM_QUANTILES
+from jax_memat.fileio import atomic_write
 
 GRAD_PLOT_FILE = "gradient_stats.png"
 
@@ -19,19 +17,9 @@ def _series(rows: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _save_png(fig, path: str) -> None:
-    """Writes ``fig`` to ``path`` through a temporary file beside it, so no reader sees half."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    """Writes ``fig`` to ``path`` atomically (no reader sees half a file)."""
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
 
 
 def plot_gradient_stats(rows: Sequence[dict], path: str, title: str = "") -> str:

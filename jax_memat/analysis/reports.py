@@ -36,16 +36,15 @@ from jax_memat.analysis.memorization import (
     write_hard_examples,
 )
 from jax_memat.analysis.memorization_plots import plot_loss_distributions
+from jax_memat.fileio import atomic_write
 
 OUTPUT_DIR = "analysis"
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def memorization_report(
