@@ -1,6 +1,6 @@
 """Gradient statistics recorded during training, without changing the update.
 
-Dong et al. (ICLR 2022, Sec. 3.2) explain why TRADES fails to fit random
+Dong et al. (ICLR 2022, Sec. 3) explain why TRADES fails to fit random
 labels by the instability of its gradients; their code logs the squared
 global gradient norm each step. ``GradStats`` records that and more, as a
 *probe* of the train step (``make_train_step(..., probe=GradStats(...))``):
@@ -34,10 +34,17 @@ own full-batch forward pass, so their mean is ``g_t``):
   theta_t||`` on the same batch, key (attack) and model/objective state: a
   local estimate of the gradient's Lipschitz constant along the training path.
 
+(With ``examples=K``, the per-example statistics are those of the batch's
+first ``K`` examples, with their own mean in place of ``g_t`` and ``K`` in
+place of ``B``.)
+
 Cost on a sampled step: one forward pass of the objective (with its attack)
-and ``B`` backward passes of the batch for the per-example gradients, one
+and ``K`` backward passes of the batch for the per-example gradients, one
 forward-mode pass for the cosines, and one forward-backward pass for the
-smoothness. ``docs/gradients.md`` has measured figures.
+smoothness. Which steps are sampled is decided by the caller when it passes
+the train step's static ``sample`` argument (``GradStats.samples(step)``, as
+the training loop does: no branch in the program), else on the device with a
+``lax.cond``. ``docs/gradients.md`` has measured figures.
 
 ``summarize_epoch`` turns one epoch's step metrics into the row the training
 loop writes: every-step values averaged over the steps where they are
