@@ -161,17 +161,23 @@ def test_mean_of_per_example_grads_is_the_train_steps_gradient(name):
     )
 
 
-@pytest.mark.parametrize("microbatch", [None, 3])
+@pytest.mark.parametrize(
+    "microbatch, unroll, examples",
+    [(None, None, None), (3, True, None), (3, False, None), (2, None, 5)],
+)
 @pytest.mark.parametrize("name", ["standard", "trades"])
-def test_reductions_equal_those_of_the_full_pytree(name, microbatch):
+def test_reductions_equal_those_of_the_full_pytree(name, microbatch, unroll, examples):
     apply_fn, params, model_state = _cnn()
     objective = make_objective(name, apply_fn, AttackSpec("pgd", 0.1, 0.03, 2))
     args = (params, model_state, {}, _batch(8, seed=3), _info())
     grads = jax.device_get(jax.jit(per_example_grads(objective))(*args))
-    r = jax.device_get(jax.jit(grad_reductions(objective, microbatch=microbatch))(*args))
+    reductions = grad_reductions(objective, microbatch=microbatch, unroll=unroll, examples=examples)
+    r = jax.device_get(jax.jit(reductions)(*args))
 
+    k = examples or 8  # the reductions cover the first k examples of the batch
+    grads = jax.tree.map(lambda g: g[:k], grads)
     flat = np.concatenate(
-        [np.asarray(g, np.float64).reshape(8, -1) for g in jax.tree.leaves(grads)], 1
+        [np.asarray(g, np.float64).reshape(k, -1) for g in jax.tree.leaves(grads)], 1
     )
     mean = flat.mean(0)
     sq = np.sum(flat**2, 1)
@@ -187,6 +193,12 @@ def test_reductions_equal_those_of_the_full_pytree(name, microbatch):
     # The cosines are not all alike (a real check of the per-example dot products).
     assert np.ptp(cosine) > 0.1
     np.testing.assert_array_equal(r.loss, jax.jit(objective.loss)(*args)[0])
+
+
+def test_reductions_refuse_more_examples_than_the_batch():
+    reductions = grad_reductions(make_objective("standard", mlp_apply), examples=7)
+    with pytest.raises(ValueError, match="examples=7 exceeds the batch of 6"):
+        reductions(_mlp_params(), {}, {}, _batch(6), _info())
 
 
 # A linear model with the squared loss: l_i = (w . x_i + b - t_i)^2 / 2, whose
@@ -298,26 +310,31 @@ def test_probe_leaves_the_update_bit_identical():
     tx = make_optimizer("sgd", 0.05, momentum=0.9, weight_decay=5e-4)
     stats = GradStats(every_steps=2, microbatch=3)
 
-    def run(with_probe):
+    def run(with_probe, host=False):
         opt = stats.optimizer(tx) if with_probe else tx
         state = create_train_state(module, jax.random.key(0), SHAPE, opt, mesh)
         step = make_train_step(objective, opt, mesh, probe=stats if with_probe else None)
         metrics = []
         for i in range(3):
-            state, m = step(state, shard_batch(_batch(8, seed=i), mesh))
+            # host: the loop's way, sampling decided on the host (a static argument).
+            sample = (stats.samples(i),) if host else ()
+            state, m = step(state, shard_batch(_batch(8, seed=i), mesh), *sample)
             metrics.append(jax.device_get(m))
         return jax.device_get(state), metrics
 
     plain, m_plain = run(False)
     probed, m_probed = run(True)
+    hosted, m_hosted = run(True, host=True)
     assert int(probed.step) == 3
     for field in ("params", "model_state", "rng", "step"):
-        for a, b in zip(
+        for a, b, c in zip(
             jax.tree.leaves(getattr(plain, field)),
             jax.tree.leaves(getattr(probed, field)),
+            jax.tree.leaves(getattr(hosted, field)),
             strict=True,
         ):
             np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, c)
     # The optimizer's own state (momentum) is the same; the recorder is chained before it.
     for a, b in zip(
         jax.tree.leaves(plain.opt_state), jax.tree.leaves(probed.opt_state[1]), strict=True
@@ -331,6 +348,15 @@ def test_probe_leaves_the_update_bit_identical():
     assert all(-1 <= m["grad_cosine_prev"] <= 1 for m in m_probed[1:])
     for key in stats.sampled_keys:
         assert np.isfinite(m_probed[0][key]) and np.isnan(m_probed[1][key]), key
+    # Sampling decided on the host gives the same statistics (another program: roundings).
+    for a, b in zip(m_probed, m_hosted, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
+    with pytest.raises(TypeError, match="use True, False or None"):
+        make_train_step(objective, stats.optimizer(tx), mesh, probe=stats)(
+            hosted, shard_batch(_batch(8), mesh), 1
+        )
 
 
 def test_summarize_epoch_averages_sampled_values_over_sampled_steps_only():
@@ -400,9 +426,18 @@ def test_bad_every_steps_is_refused(bad):
         GradStats(every_steps=bad)
 
 
-def test_not_an_objective_is_refused():
+def test_bad_examples_are_refused():
+    with pytest.raises(ValueError, match="examples=0 is not accepted; use None"):
+        grad_reductions(make_objective("standard", mlp_apply), examples=0)
+    with pytest.raises(ValueError, match="examples=1 is not accepted: a variance needs"):
+        GradStats(every_steps=1, examples=1)
+
+
+def test_not_an_objective_or_a_bad_unroll_is_refused():
     with pytest.raises(TypeError, match="takes an Objective"):
         per_example_grads(lambda *a: None)
+    with pytest.raises(ValueError, match="unroll=1 is not accepted; use None, True or False"):
+        grad_reductions(make_objective("standard", mlp_apply), unroll=1)
 
 
 def test_probe_without_its_optimizer_or_with_a_clashing_name_is_refused():

@@ -1,6 +1,6 @@
 """Gradient statistics recorded during training, without changing the update.
 
-Dong et al. (ICLR 2022, Sec. 3.2) explain why TRADES fails to fit random
+Dong et al. (ICLR 2022, Sec. 3) explain why TRADES fails to fit random
 labels by the instability of its gradients; their code logs the squared
 global gradient norm each step. ``GradStats`` records that and more, as a
 *probe* of the train step (``make_train_step(..., probe=GradStats(...))``):
@@ -34,10 +34,17 @@ own full-batch forward pass, so their mean is ``g_t``):
   theta_t||`` on the same batch, key (attack) and model/objective state: a
   local estimate of the gradient's Lipschitz constant along the training path.
 
+(With ``examples=K``, the per-example statistics are those of the batch's
+first ``K`` examples, with their own mean in place of ``g_t`` and ``K`` in
+place of ``B``.)
+
 Cost on a sampled step: one forward pass of the objective (with its attack)
-and ``B`` backward passes of the batch for the per-example gradients, one
+and ``K`` backward passes of the batch for the per-example gradients, one
 forward-mode pass for the cosines, and one forward-backward pass for the
-smoothness. ``docs/gradients.md`` has measured figures.
+smoothness. Which steps are sampled is decided by the caller when it passes
+the train step's static ``sample`` argument (``GradStats.samples(step)``, as
+the training loop does: no branch in the program), else on the device with a
+``lax.cond``. ``docs/gradients.md`` has measured figures.
 
 ``summarize_epoch`` turns one epoch's step metrics into the row the training
 loop writes: every-step values averaged over the steps where they are
@@ -58,6 +65,7 @@ import numpy as np
 import optax
 
 from jax_memat.analysis.gradients import (
+    check_examples,
     check_microbatch,
     grad_reductions,
     noise_scale,
@@ -158,9 +166,16 @@ class GradStats:
         (a positive integer).
       microbatch: examples whose gradients are computed at once on a sampled
         step (None: the whole batch); bounds the memory, not the result.
+      examples: estimate the per-example statistics from the batch's first
+        ``examples`` examples (a random sample: batches are shuffled), at
+        ``examples / B`` of the cost (None: the whole batch). Their gradients
+        are still taken in the full-batch pass; the cosines are then with their
+        mean, and the noise scale is estimated from them alone.
       per_example: record the per-example statistics (norms, cosines,
         variance, noise scale) on sampled steps.
       smoothness: record ``grad_smoothness`` on sampled steps.
+      unroll: how the per-example chunks run (``grad_reductions``'s
+        ``unroll``; None: unrolled on the CPU, a loop on accelerators).
 
     Example:
       >>> stats = GradStats(every_steps=50, microbatch=16)
@@ -172,8 +187,10 @@ class GradStats:
 
     every_steps: int
     microbatch: int | None = None
+    examples: int | None = None
     per_example: bool = True
     smoothness: bool = True
+    unroll: bool | None = None
 
     def __post_init__(self):
         n = self.every_steps
@@ -182,6 +199,12 @@ class GradStats:
                 f"GradStats every_steps={n!r} is not accepted; use a positive integer."
             )
         check_microbatch(self.microbatch)
+        check_examples(self.examples)
+        if self.examples == 1:
+            raise ValueError(
+                "GradStats examples=1 is not accepted: a variance needs at least 2 examples; "
+                "use None (the whole batch) or an integer >= 2."
+            )
 
     @property
     def sampled_keys(self) -> tuple[str, ...]:
@@ -209,14 +232,27 @@ class GradStats:
             "grad_norm": _sqrt(norm_sq),
             "grad_cosine_prev": jnp.where(defined, cosine, jnp.nan),
         }
-        sampled = view.state.step % self.every_steps == 0
-        metrics[SAMPLED_FLAG] = sampled.astype(jnp.float32)
-        if self.sampled_keys:
-            # Only sampled steps pay for the per-example and smoothness passes.
-            metrics.update(
-                jax.lax.cond(sampled, lambda: self._sampled(view), lambda: self._not_sampled())
-            )
+        if view.sample is None:
+            # Decided on the device: only sampled steps run the branch's passes.
+            sampled = view.state.step % self.every_steps == 0
+            metrics[SAMPLED_FLAG] = sampled.astype(jnp.float32)
+            if self.sampled_keys:
+                metrics.update(
+                    jax.lax.cond(sampled, lambda: self._sampled(view), self._not_sampled)
+                )
+        else:
+            # Decided by the caller (one program each): no branch in the step.
+            metrics[SAMPLED_FLAG] = jnp.float32(view.sample)
+            metrics.update(self._sampled(view) if view.sample else self._not_sampled())
         return metrics
+
+    def samples(self, step: int) -> bool:
+        """Whether the step numbered ``step`` (steps taken before it) is sampled.
+
+        Pass it as the train step's static ``sample`` argument when the step
+        number is known on the host, as the training loop does.
+        """
+        return step % self.every_steps == 0
 
     def _not_sampled(self) -> dict[str, jax.Array]:
         return {k: jnp.full((), jnp.nan, jnp.float32) for k in self.sampled_keys}
@@ -230,7 +266,18 @@ class GradStats:
                 raise ValueError(
                     f"GradStats per-example statistics need a batch of at least 2; got {size}."
                 )
-            r = grad_reductions(view.objective, microbatch=self.microbatch)(state.params, *args)
+            if self.examples is not None and self.examples > size:
+                raise ValueError(
+                    f"GradStats examples={self.examples} exceeds the batch of {size}; accepted: "
+                    f"None (the whole batch) or an integer in [2, {size}]."
+                )
+            reductions = grad_reductions(
+                view.objective,
+                microbatch=self.microbatch,
+                examples=self.examples,
+                unroll=self.unroll,
+            )
+            r = reductions(state.params, *args)
             quantiles = jnp.quantile(r.norms, jnp.array([q for _, q in NORM_QUANTILES]))
             out.update({name: quantiles[i] for i, (name, _) in enumerate(NORM_QUANTILES)})
             out["grad_example_norm_mean"] = jnp.mean(r.norms)

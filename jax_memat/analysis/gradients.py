@@ -31,14 +31,14 @@ BatchNorm.
 **How it is computed.** One forward pass of the objective on the batch
 (including the attack), linearized with respect to the parameters; then the
 linear map's transpose (a backward pass) is applied to the unit cotangents
-``e_i``, ``microbatch`` of them at a time (``vmap`` inside ``lax.map`` /
-``lax.scan``). Each backward pass goes through the whole batch, so the cost is
-one forward pass plus ``B`` backward passes of the batch, about ``B / 3`` train
-steps of standard training; memory grows with ``microbatch`` (``microbatch``
-backward passes and gradients at once), not with ``B``. The cosines with the
-mean gradient need no second sweep: ``<g_i, g_mean>`` for all ``i`` at once is
-the linearized loss applied to ``g_mean`` (a Jacobian-vector product, about
-one more forward pass).
+``e_i``, ``microbatch`` of them at a time (``vmap`` inside ``lax.scan``). Each
+backward pass goes through the whole batch, so the cost is one forward pass
+plus ``B`` backward passes of the batch, about ``2B / 3`` train steps of
+standard training; memory grows with ``microbatch`` (``microbatch`` backward
+passes and gradients at once), not with ``B``. The cosines with the mean
+gradient need no second sweep: ``<g_i, g_mean>`` for all ``i`` at once is the
+linearized loss applied to ``g_mean`` (a Jacobian-vector product, about one
+more forward pass).
 """
 
 from __future__ import annotations
@@ -56,18 +56,22 @@ ObjectiveArgsFn = Callable[[Any, Any, Any, dict, StepInfo], Any]
 
 
 class GradReductions(NamedTuple):
-    """Reductions over a batch's per-example gradients ``g_i`` (see the module docstring).
+    """Reductions over per-example gradients ``g_i`` (see the module docstring).
+
+    The ``K`` examples reduced over are the batch's first ``K`` (``K = B``
+    unless ``grad_reductions`` was given ``examples``), each ``g_i`` taken in
+    the full-batch forward pass.
 
     Attributes:
-      loss: the per-example loss ``l_i`` [B].
-      mean: ``mean_i g_i`` (a pytree like the parameters): the gradient of
-        the batch-mean loss.
-      sq_norms: ``||g_i||^2`` over all parameters [B].
-      norms: ``||g_i||`` [B].
+      loss: the per-example loss ``l_i`` [B], for the whole batch.
+      mean: ``mean_i g_i`` (a pytree like the parameters); with ``K = B`` the
+        gradient of the batch-mean loss.
+      sq_norms: ``||g_i||^2`` over all parameters [K].
+      norms: ``||g_i||`` [K].
       variance: ``mean_i ||g_i - mean||^2`` (scalar): the per-coordinate
-        variance across the batch (population, divided by ``B``) summed over
-        all parameters.
-      cosine: ``cos(g_i, mean)`` [B] (NaN where ``g_i`` or the mean is 0), or
+        variance across the examples (population, divided by ``K``) summed
+        over all parameters.
+      cosine: ``cos(g_i, mean)`` [K] (NaN where ``g_i`` or the mean is 0), or
         None when not asked for.
     """
 
@@ -90,6 +94,22 @@ def check_microbatch(microbatch: Any) -> None:
         )
 
 
+def check_examples(examples: Any) -> None:
+    """Raises ``ValueError`` unless ``examples`` is None or a positive integer."""
+    if examples is not None and (
+        isinstance(examples, bool) or not isinstance(examples, int) or examples < 1
+    ):
+        raise ValueError(
+            f"examples={examples!r} is not accepted; use None (the whole batch) or a positive "
+            "integer (the batch's first that many examples)."
+        )
+
+
+def _check_unroll(unroll: Any) -> None:
+    if unroll is not None and not isinstance(unroll, bool):
+        raise ValueError(f"unroll={unroll!r} is not accepted; use None, True or False.")
+
+
 def _check_objective(objective: Any, name: str) -> None:
     if not isinstance(objective, Objective):
         raise TypeError(
@@ -98,16 +118,37 @@ def _check_objective(objective: Any, name: str) -> None:
         )
 
 
-def _chunks(batch_size: int, microbatch: int | None) -> jax.Array:
-    """Example rows, ``[count, size]``; rows past the batch are padding (zero cotangents)."""
-    size = batch_size if microbatch is None else min(microbatch, batch_size)
-    count = -(-batch_size // size)
+def _chunks(num: int, microbatch: int | None) -> jax.Array:
+    """Rows ``0..num-1`` as ``[count, size]``; rows past ``num`` pad the last chunk.
+
+    Padding rows get zero cotangents (``_unit_cotangents``), so they add
+    nothing to sums; callers drop their results.
+    """
+    size = num if microbatch is None else min(microbatch, num)
+    count = -(-num // size)
     return jnp.arange(count * size, dtype=jnp.int32).reshape(count, size)
 
 
-def _unit_cotangents(rows: jax.Array, batch_size: int, dtype) -> jax.Array:
+def _scan_chunks(body, init, chunks: jax.Array, unroll: bool | None):
+    """``lax.scan(body, init, chunks)``, or the same as straight-line code when unrolled."""
+    if unroll is None:
+        # XLA:CPU runs the batched backward passes 20-30x slower inside a loop than
+        # unrolled (docs/gradients.md); accelerators keep the loop, which bounds the
+        # memory to one chunk's.
+        unroll = jax.default_backend() == "cpu"
+    if not unroll and chunks.shape[0] > 1:
+        return jax.lax.scan(body, init, chunks)
+    carry, outputs = init, []
+    for rows in chunks:
+        carry, out = body(carry, rows)
+        outputs.append(out)
+    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+
+
+def _unit_cotangents(rows: jax.Array, batch_size: int, num: int, dtype) -> jax.Array:
+    """``e_r`` for each row ``r < num``, zero rows for the padding (``r >= num``)."""
     # one_hot of an index >= batch_size is a zero row: padding contributes nothing.
-    return jax.nn.one_hot(rows, batch_size, dtype=dtype)
+    return jax.nn.one_hot(jnp.where(rows < num, rows, batch_size), batch_size, dtype=dtype)
 
 
 def _sq_norms(stacked: Any) -> jax.Array:
@@ -138,7 +179,9 @@ def _losses_of(objective: Objective, model_state, objective_state, batch, info):
     return losses
 
 
-def per_example_grads(objective: Objective, *, microbatch: int | None = None) -> ObjectiveArgsFn:
+def per_example_grads(
+    objective: Objective, *, microbatch: int | None = None, unroll: bool | None = None
+) -> ObjectiveArgsFn:
     """Per-example gradients of an objective, stacked along a leading batch axis.
 
     ``g_i`` is the gradient of example ``i``'s loss term within the full-batch
@@ -149,6 +192,10 @@ def per_example_grads(objective: Objective, *, microbatch: int | None = None) ->
       objective: an ``Objective``.
       microbatch: how many examples' gradients to compute at once (None: all
         ``B``); memory grows with it, the result does not depend on it.
+      unroll: run the chunks as unrolled code (True) or in a ``lax.scan``
+        loop (False), which keeps one chunk's memory alive at a time; None:
+        unrolled on the CPU (where XLA runs the loop's backward passes 20-30x
+        slower), a loop on accelerators. The values do not depend on it.
 
     Returns:
       ``fn(params, model_state, objective_state, batch, info) -> grads``,
@@ -162,24 +209,30 @@ def per_example_grads(objective: Objective, *, microbatch: int | None = None) ->
     """
     _check_objective(objective, "per_example_grads")
     check_microbatch(microbatch)
+    _check_unroll(unroll)
 
     def fn(params, model_state, objective_state, batch, info):
         losses_fn = _losses_of(objective, model_state, objective_state, batch, info)
         losses, pullback, _ = jax.vjp(losses_fn, params, has_aux=True)
         size = losses.shape[0]
 
-        def chunk(rows):
-            (grads,) = jax.vmap(pullback)(_unit_cotangents(rows, size, losses.dtype))
-            return grads
+        def chunk(carry, rows):
+            (grads,) = jax.vmap(pullback)(_unit_cotangents(rows, size, size, losses.dtype))
+            return carry, grads
 
-        stacked = jax.lax.map(chunk, _chunks(size, microbatch))
+        _, stacked = _scan_chunks(chunk, None, _chunks(size, microbatch), unroll)
         return jax.tree.map(lambda g: g.reshape(-1, *g.shape[2:])[:size], stacked)
 
     return fn
 
 
 def grad_reductions(
-    objective: Objective, *, microbatch: int | None = None, cosine: bool = True
+    objective: Objective,
+    *,
+    microbatch: int | None = None,
+    examples: int | None = None,
+    cosine: bool = True,
+    unroll: bool | None = None,
 ) -> ObjectiveArgsFn:
     """Norms, mean, variance and cosines of per-example gradients, without stacking them.
 
@@ -189,7 +242,10 @@ def grad_reductions(
     sized accumulator and ``microbatch`` gradients, never ``B``.
 
     Cost: one linearized forward pass of the objective (with its attack) and
-    ``B`` backward passes of the batch; ``cosine=True`` adds one forward-mode
+    ``K`` backward passes of the batch (``K``: ``examples``, else ``B``); a
+    smaller ``K`` estimates the same statistics from a sample of the batch
+    (the batch is shuffled, so its first ``K`` examples are one) at ``K / B``
+    of the cost. ``cosine=True`` adds one forward-mode
     product (``<g_i, mean>`` for every ``i`` at once, about one forward pass)
     instead of a second sweep over the examples. The variance is taken as
     ``mean_i ||g_i||^2 - ||mean||^2`` (clipped at 0), exact up to float32
@@ -198,7 +254,14 @@ def grad_reductions(
     Args:
       objective: an ``Objective``.
       microbatch: examples whose gradients are computed at once (None: all).
+      examples: reduce over the batch's first ``examples`` examples only
+        (None: all ``B``; at most ``B``); their loss terms are still those of
+        the full-batch pass.
       cosine: also return ``cos(g_i, mean)``.
+      unroll: run the chunks as unrolled code (True) or in a ``lax.scan``
+        loop (False), which keeps one chunk's memory alive at a time; None:
+        unrolled on the CPU (where XLA runs the loop's backward passes 20-30x
+        slower), a loop on accelerators. The values do not depend on it.
 
     Returns:
       ``fn(params, model_state, objective_state, batch, info) -> GradReductions``;
@@ -212,6 +275,8 @@ def grad_reductions(
     """
     _check_objective(objective, "grad_reductions")
     check_microbatch(microbatch)
+    check_examples(examples)
+    _check_unroll(unroll)
 
     def fn(params, model_state, objective_state, batch, info):
         losses_fn = _losses_of(objective, model_state, objective_state, batch, info)
@@ -222,22 +287,28 @@ def grad_reductions(
         else:
             losses, pullback, _ = jax.vjp(losses_fn, params, has_aux=True)
         size = losses.shape[0]
+        if examples is not None and examples > size:
+            raise ValueError(
+                f"grad_reductions: examples={examples} exceeds the batch of {size}; accepted: "
+                f"None (all) or an integer in [1, {size}]."
+            )
+        count = size if examples is None else examples
 
         def body(total, rows):
-            (grads,) = jax.vmap(pullback)(_unit_cotangents(rows, size, losses.dtype))
+            (grads,) = jax.vmap(pullback)(_unit_cotangents(rows, size, count, losses.dtype))
             total = jax.tree.map(lambda t, g: t + jnp.sum(g, axis=0), total, grads)
             return total, _sq_norms(grads)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        total, sq = jax.lax.scan(body, zeros, _chunks(size, microbatch))
-        sq = sq.reshape(-1)[:size]
-        mean = jax.tree.map(lambda t: t / size, total)
+        total, sq = _scan_chunks(body, zeros, _chunks(count, microbatch), unroll)
+        sq = sq.reshape(-1)[:count]
+        mean = jax.tree.map(lambda t: t / count, total)
         mean_sq = tree_sq_norm(mean)
         variance = jnp.maximum(jnp.mean(sq) - mean_sq, 0.0)
         norms = jnp.sqrt(sq)
         cos = None
         if cosine:
-            dots = jvp_fn(mean).astype(jnp.float32)  # <g_i, mean> for every i
+            dots = jvp_fn(mean).astype(jnp.float32)[:count]  # <g_i, mean> for every i
             denominator = norms * jnp.sqrt(mean_sq)
             defined = denominator > 0
             cos = jnp.where(defined, dots / jnp.where(defined, denominator, 1.0), jnp.nan)

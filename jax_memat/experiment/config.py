@@ -139,6 +139,18 @@ def default_config() -> ml_collections.ConfigDict:
     # example, one file per epoch (per_example/train_steps_epochNNNN.npz).
     c.record.train_per_example = False
 
+    c.grad_stats = ml_collections.ConfigDict()  # gradient statistics (jax_memat.analysis)
+    # Every step: the gradient norm and the cosine of consecutive gradients; every n
+    # steps: per-example gradient norms, noise scale and smoothness (docs/gradients.md).
+    # 0 = off (the optimizer state then holds no copy of the last gradient).
+    c.grad_stats.every_steps = 0
+    # Examples whose gradients are computed at once on a sampled step (0 = the whole
+    # batch): bounds the memory of the per-example pass, not its result.
+    c.grad_stats.microbatch = 0
+    # Per-example statistics from the batch's first n examples only (0 = all): n / batch
+    # of the cost of the per-example pass (a sampled step costs about n backward passes).
+    c.grad_stats.examples = 0
+
     c.final_eval = ml_collections.ConfigDict()  # the final report, best and final checkpoints
     c.final_eval.pgd_steps = 20
     c.final_eval.cw = True  # PGD on the CW margin loss, same steps
@@ -336,6 +348,24 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
         check(
             isinstance(record, bool),
             f"record.train_per_example={record!r}: use True or False.",
+        )
+        # Absent from configs saved before the option existed: off, as they ran.
+        g = c.get("grad_stats", {})
+        positive_int(g.get("every_steps", 0), "grad_stats.every_steps", allow_zero=True)
+        microbatch = g.get("microbatch", 0)
+        positive_int(microbatch, "grad_stats.microbatch", allow_zero=True)
+        check(
+            not _is_int(microbatch) or not _is_int(c.batch_size) or microbatch <= c.batch_size,
+            f"grad_stats.microbatch={microbatch!r} exceeds batch_size={c.batch_size!r}; "
+            "accepted: 0 (the whole batch) or an integer in [1, batch_size].",
+        )
+        examples = g.get("examples", 0)
+        check(
+            _is_int(examples)
+            and (examples == 0 or 2 <= examples)
+            and (not _is_int(c.batch_size) or examples <= c.batch_size),
+            f"grad_stats.examples={examples!r} is invalid; accepted: 0 (the whole batch) or an "
+            f"integer in [2, batch_size={c.batch_size!r}].",
         )
     except AttributeError as err:
         errors.append(f"missing field: {err}. Start from jax_memat.experiment.default_config().")

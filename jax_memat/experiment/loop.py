@@ -20,7 +20,7 @@ Order of work, chosen so that bad input never costs a compile or a file:
    stops the run naming the step, keeping the last good checkpoint;
 7. evaluate the final and the best checkpoints with PGD-20 (and CW; once
    when they are the same checkpoint) and write ``final_report.json`` and
-   ``learning_curves.png``.
+   ``learning_curves.png`` (and ``gradient_stats.png`` with ``grad_stats`` on).
 
 Resume order: the latest checkpoint gives the epoch; the data order depends
 only on ``(seed, epoch)`` and every random key on the step, so the resumed run
@@ -39,6 +39,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jax_memat.analysis.grad_stats import summarize_epoch
+from jax_memat.analysis.plots_gradients import GRAD_PLOT_FILE, plot_gradient_stats
 from jax_memat.attacks import AttackSpec
 from jax_memat.data import dataset_spec, make_batch_fn, train_batch_indices
 from jax_memat.evaluation.core import evaluate, make_eval_fn
@@ -392,6 +394,7 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard) -> dict:
             mesh,
             steps_per_epoch=spe,
             per_example=record_train or bool(hooks),
+            probe=setup.grad_stats,
         ),
         batch_fn=make_batch_fn(
             mesh,
@@ -454,7 +457,11 @@ def _train_epoch(ctx: _Context, state: TrainState, epoch: int) -> tuple[TrainSta
         ctx.record.reset()
     for s in range(spe):
         batch = ctx.batch_fn(*ctx.train_data, shard_batch(indices[s], ctx.mesh), state.step)
-        state, metrics, *outputs = ctx.step_fn(state, batch)
+        grad_stats = ctx.setup.grad_stats
+        # The host knows the step number: the sampled and the other steps are two
+        # programs, with no device-side branch (docs/gradients.md).
+        sample = () if grad_stats is None else (grad_stats.samples((epoch - 1) * spe + s),)
+        state, metrics, *outputs = ctx.step_fn(state, batch, *sample)
         per_example = outputs[0] if outputs else None
         pending.append((metrics, per_example if ctx.record is not None else None))
         for hook in ctx.hooks:
@@ -491,6 +498,8 @@ def _train_epoch(ctx: _Context, state: TrainState, epoch: int) -> tuple[TrainSta
         "epoch_time_s": train_time,
         "examples_per_s": spe * config.batch_size / train_time,
     }
+    # Gradient statistics (grad_stats on): sampled ones averaged over the sampled steps.
+    row.update(summarize_epoch(fetched))
     return state, row
 
 
@@ -577,12 +586,11 @@ def _save(ckpts: RunCheckpoints, kind: str, state, meta: dict) -> None:
 
 
 def _plot(config, workdir: str) -> None:
-    plot_learning_curves(
-        read_metrics(workdir),
-        os.path.join(workdir, PLOT_FILE),
-        title=os.path.basename(os.path.abspath(workdir)),
-        config=config,
-    )
+    rows = read_metrics(workdir)
+    title = os.path.basename(os.path.abspath(workdir))
+    plot_learning_curves(rows, os.path.join(workdir, PLOT_FILE), title=title, config=config)
+    if config.get("grad_stats", {}).get("every_steps", 0):
+        plot_gradient_stats(rows, os.path.join(workdir, GRAD_PLOT_FILE), title=title)
 
 
 def _summary_line(row: dict) -> str:

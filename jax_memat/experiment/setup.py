@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from jax_memat.analysis.grad_stats import GradStats
 from jax_memat.attacks import AttackSpec
 from jax_memat.data import Dataset, apply_corruptions, load_dataset, steps_per_epoch
 from jax_memat.experiment.checkpoints import RunCheckpoints
@@ -46,6 +47,8 @@ class RunSetup:
       state: the initial (replicated) train state.
       steps_per_epoch: optimizer steps per epoch.
       keys: ``{"data": ..., "eval": ...}`` root keys derived from the seed.
+      grad_stats: the train step's gradient-statistics probe, or None when
+        ``grad_stats.every_steps`` is 0 (then ``tx`` holds no gradient recorder).
     """
 
     module: nn.Module
@@ -57,6 +60,20 @@ class RunSetup:
     state: TrainState
     steps_per_epoch: int
     keys: dict
+    grad_stats: GradStats | None = None
+
+
+def grad_stats_from_config(config) -> GradStats | None:
+    """The ``GradStats`` probe a validated config asks for (None when off)."""
+    g = config.get("grad_stats", {})  # absent from configs saved before the option
+    every = g.get("every_steps", 0)
+    if not every:
+        return None
+    return GradStats(
+        every_steps=every,
+        microbatch=g.get("microbatch", 0) or None,
+        examples=g.get("examples", 0) or None,
+    )
 
 
 def load_data(config, *, excluded: np.ndarray | None = None) -> tuple[Dataset, Dataset, dict]:
@@ -160,6 +177,11 @@ def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
         weight_decay=config.optimizer.weight_decay,
         nesterov=config.optimizer.nesterov,
     )
+    grad_stats = grad_stats_from_config(config)
+    if grad_stats is not None:
+        # The recorder keeps the last gradient in the optimizer state (and so in
+        # checkpoints); the updates are unchanged.
+        tx = grad_stats.optimizer(tx)
     attack = training_attack(config)
     objective = make_objective(config.objective.name, apply_fn, attack, beta=config.objective.beta)
     if config.te.enabled:
@@ -194,6 +216,7 @@ def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
         state=state,
         steps_per_epoch=spe,
         keys={"data": data_key, "eval": eval_key},
+        grad_stats=grad_stats,
     )
 
 

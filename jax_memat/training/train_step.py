@@ -34,6 +34,9 @@ class StepView(NamedTuple):
       grads: the gradient of the batch-mean loss at ``state.params``, as handed
         to the optimizer.
       objective: the step's ``Objective``.
+      sample: the caller's static choice for a probe that works on some steps
+        only: True (this step), False (not this one), or None (the probe
+        decides on the device, from ``state.step``).
     """
 
     state: TrainState
@@ -42,6 +45,7 @@ class StepView(NamedTuple):
     info: StepInfo
     grads: Any
     objective: Objective
+    sample: bool | None = None
 
 
 # probe(view) -> {name: scalar}: extra metrics computed inside the jitted step.
@@ -68,6 +72,7 @@ def train_step(
     steps_per_epoch: int | None = None,
     per_example: bool = False,
     probe: Probe | None = None,
+    sample: bool | None = None,
 ) -> tuple:
     """One optimizer step on the mean of a per-example objective (unjitted).
 
@@ -85,6 +90,7 @@ def train_step(
         (e.g. ``jax_memat.analysis.GradStats``); it only reads, so the new
         state is the same with or without it. Its names must differ from
         ``STEP_METRICS``.
+      sample: handed to the probe as ``StepView.sample`` (static).
 
     Returns:
       ``(new_state, metrics)``, or ``(new_state, metrics, per_example)`` with
@@ -126,7 +132,7 @@ def train_step(
         objective_state=aux.objective_state,
     )
     if probe is not None:
-        extra = probe(StepView(state, new_state, batch, info, grads, objective))
+        extra = probe(StepView(state, new_state, batch, info, grads, objective, sample))
         clash = sorted(set(extra) & set(metrics))
         if clash:
             raise ValueError(
@@ -167,6 +173,13 @@ def make_train_step(
         ``GradStats(every_steps=50)`` from ``jax_memat.analysis``, whose
         optimizer ``grad_stats.optimizer(tx)`` the state must be built with.
 
+    Returns:
+      ``step(state, batch[, sample])``. ``sample`` (positional; a Python bool or
+      None, static: one compiled program per value used) is ``StepView.sample``: a
+      caller that knows the step number on the host passes whether the probe
+      samples it, so that the step needs no device-side branch (XLA:CPU runs
+      the per-example pass 15x slower inside one; see ``docs/gradients.md``).
+
     Example:
       >>> step = make_train_step(objective, tx, make_mesh(), steps_per_epoch=390)
       >>> state, metrics = step(state, shard_batch(batch, mesh))
@@ -177,7 +190,9 @@ def make_train_step(
             f"with_temporal_ensembling); got {type(objective).__name__}."
         )
 
-    def step(state: TrainState, batch: dict):
+    def step(state: TrainState, batch: dict, sample: bool | None = None):
+        if sample is not None and not isinstance(sample, bool):
+            raise TypeError(f"sample={sample!r}: use True, False or None.")
         return train_step(
             state,
             batch,
@@ -186,8 +201,15 @@ def make_train_step(
             steps_per_epoch=steps_per_epoch,
             per_example=per_example,
             probe=probe,
+            sample=sample,
         )
 
     rep, split = replicated(mesh), batch_sharded(mesh)
     out = (rep, rep, split) if per_example else (rep, rep)
-    return jax.jit(step, in_shardings=(rep, split), out_shardings=out, donate_argnums=(0,))
+    return jax.jit(
+        step,
+        in_shardings=(rep, split),
+        out_shardings=out,
+        donate_argnums=(0,),
+        static_argnums=(2,),
+    )
