@@ -14,6 +14,7 @@ import pytest
 from jax_memat.attacks import AttackSpec
 from jax_memat.attacks.losses import cross_entropy
 from jax_memat.objectives import Regularizer, StepInfo, make_objective
+from tests.helpers import F32_EPS
 
 W = jnp.array([1.0, -2.0])
 X = jnp.array([[0.5, 0.5]])
@@ -119,7 +120,8 @@ def test_trades_regularizer_output_and_attack_scaling():
     pull = Regularizer(lambda logits: -1e3 * logits[:, 1], attack=True)
     loss, aux = run(trades, pull)
     assert float(aux.per_example["logits"][0, 1]) == pytest.approx(-0.8, abs=1e-5)
-    assert float(aux.per_example["logits_natural"][0, 1]) == pytest.approx(-0.5, abs=1e-6)
+    # w.x = 0.5 - 1.0 is exact in float32; a few ulps of slack for the fused matmul.
+    assert float(aux.per_example["logits_natural"][0, 1]) == pytest.approx(-0.5, abs=4 * F32_EPS)
 
 
 def test_trades_beta_zero_refuses_an_attack_regularizer():

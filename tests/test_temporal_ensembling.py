@@ -25,6 +25,7 @@ from jax_memat.training import (
     make_train_step,
     shard_batch,
 )
+from tests.helpers import F32_EPS
 
 ATTACK = AttackSpec("pgd", eps=0.1, step_size=0.04, steps=2)
 N, K = 40, 4
@@ -133,7 +134,8 @@ def test_composes_with_objectives(objective, output):
     expected = loss_b + w * jnp.mean((jax.nn.softmax(z) - q) ** 2, -1)
     np.testing.assert_allclose(loss_t, expected, rtol=1e-5, atol=1e-6)
     new_table = aux_t.objective_state[NAME][SOFT_LABELS]
-    np.testing.assert_allclose(new_table[batch["index"]], rows, rtol=1e-6)
+    # Same formula along another code path (jit inside the loss vs eager here): a few ulps.
+    np.testing.assert_allclose(new_table[batch["index"]], rows, rtol=16 * F32_EPS)
     mask = np.ones(N, bool)
     mask[np.asarray(batch["index"])] = False
     np.testing.assert_array_equal(np.asarray(new_table)[mask], np.asarray(table)[mask])
