@@ -28,7 +28,13 @@ from jax_memat.data.corruptions import IMAGE_CORRUPTIONS
 from jax_memat.experiment.errors import ConfigError, WorkdirConflictError
 from jax_memat.experiment.workdir import CONFIG_FILE, read_json, write_json
 from jax_memat.models import MODEL_NAMES
-from jax_memat.objectives import OBJECTIVE_NAMES, REGULARIZER_OUTPUTS, beta_problem, te_problems
+from jax_memat.objectives import (
+    OBJECTIVE_NAMES,
+    REGULARIZER_OUTPUTS,
+    beta_problem,
+    smoothing_problem,
+    te_problems,
+)
 from jax_memat.training.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES
 
 if TYPE_CHECKING:
@@ -91,6 +97,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.objective = ml_collections.ConfigDict()
     c.objective.name = "pgd_at"
     c.objective.beta = 6.0  # TRADES
+    # A hard-example list file: its training rows get the soft target
+    # (1 - s) * onehot(y) + s / K instead of their label (the hard-example
+    # experiment's other arm; docs/memorization.md); "" = none.
+    c.objective.soft_label_examples = ""
+    c.objective.soft_label_smoothing = 1.0  # s in (0, 1]; 1 = uniform targets
 
     c.te = ml_collections.ConfigDict()  # temporal ensembling (the authors' settings)
     c.te.enabled = False
@@ -252,7 +263,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
             '(jax_memat.analysis.write_hard_examples), or "" for none.',
         )
         if check_files and isinstance(exclude, str) and exclude:
-            errors.extend(_exclusion_problems(c))
+            errors.extend(_list_problems(c, exclude, "dataset.exclude_examples"))
         positive_int(d.crop_padding, "dataset.crop_padding", allow_zero=True)
         if d.name in DATASET_NAMES:
             (height, width, _), _ = dataset_spec(d.name)
@@ -291,6 +302,18 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
         one_of(c.objective.name, OBJECTIVE_NAMES, "objective.name")
         problem = beta_problem(c.objective.beta)
         check(not problem, f"objective.{problem}.")
+        # Absent from configs saved before the option existed: no soft targets.
+        soft = c.objective.get("soft_label_examples", "")
+        check(
+            isinstance(soft, str),
+            f"objective.soft_label_examples={soft!r}: use the path of a hard-example list file "
+            '(jax_memat.analysis.write_hard_examples), or "" for none.',
+        )
+        if isinstance(soft, str) and soft:
+            smoothing = smoothing_problem(c.objective.get("soft_label_smoothing", 1.0))
+            check(not smoothing, f"objective.soft_label_{smoothing}.")
+            if check_files:
+                errors.extend(_list_problems(c, soft, "objective.soft_label_examples"))
 
         t = c.te
         check(isinstance(t.enabled, bool), f"te.enabled={t.enabled!r}: use True or False.")
@@ -374,11 +397,11 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
 
 
-def _exclusion_problems(config: ml_collections.ConfigDict) -> list[str]:
-    """What is wrong with the list ``dataset.exclude_examples`` names, for this config."""
-    d, field = config.dataset, "dataset.exclude_examples"
+def _list_problems(config: ml_collections.ConfigDict, path: str, field: str) -> list[str]:
+    """What is wrong with the hard-example list ``path`` that ``field`` names, for this config."""
+    d = config.dataset
     try:
-        listed = read_hard_examples(d.exclude_examples)
+        listed = read_hard_examples(path)
     except (OSError, ValueError) as err:
         return [f"{field}: {err}"]
     if d.name not in DATASET_NAMES or not (
@@ -390,6 +413,8 @@ def _exclusion_problems(config: ml_collections.ConfigDict) -> list[str]:
         listed.check_for(d.name, num_train)
     except ValueError as err:
         return [f"{field}: {err}"]
+    if field != "dataset.exclude_examples":
+        return []
     left = num_train - listed.indices.size
     if _is_int(config.batch_size) and left < config.batch_size:
         return [
@@ -418,6 +443,28 @@ def excluded_examples(config: ml_collections.ConfigDict) -> np.ndarray | None:
         return np.sort(read_hard_examples(path).indices)
     except (OSError, ValueError) as err:
         raise ConfigError(f"Invalid config:\n  - dataset.exclude_examples: {err}") from None
+
+
+def soft_label_examples(config: ml_collections.ConfigDict) -> np.ndarray | None:
+    """The training rows ``objective.soft_label_examples`` lists (sorted), or None when ``""``.
+
+    Rows of the full training set, as every hard-example list.
+
+    Raises:
+      ConfigError: the file is missing or not a hard-example list.
+
+    Example:
+      >>> config.objective.soft_label_examples = "workdirs/run/analysis/hard_examples.json"
+      >>> soft_label_examples(config)[:3]
+      array([4, 17, 388])
+    """
+    path = config.objective.get("soft_label_examples", "")
+    if not path:
+        return None
+    try:
+        return np.sort(read_hard_examples(path).indices)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"Invalid config:\n  - objective.soft_label_examples: {err}") from None
 
 
 def training_attack(config: ml_collections.ConfigDict) -> AttackSpec:

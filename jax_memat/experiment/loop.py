@@ -164,19 +164,33 @@ def _check_saved_labels(workdir: str, record: dict) -> bool:
     if not os.path.exists(path):
         return True
     try:
-        with np.load(path) as saved:
-            labels = saved["labels"]
+        with np.load(path) as f:
+            saved = {k: f[k] for k in f.files}
+        saved["labels"]  # noqa: B018 (a file without labels is corrupt)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise CorruptFileError(
             f"{path} is corrupt ({type(err).__name__}: {err}). It holds the run's training labels; "
             "move it away and run again: the labels are recomputed from the config and saved "
             "anew."
         ) from None
-    if not np.array_equal(labels, record["labels"]):
+    if not np.array_equal(saved["labels"], record["labels"]):
         raise WorkdirConflictError(
             f"{path} holds training labels that differ from the ones this config produces "
             "(a different dataset version?); refusing to resume."
         )
+    # Which rows were left out or get soft targets: a resumed run must train on
+    # the same examples with the same targets. (Files saved before an option
+    # existed lack its array, and the option was off.)
+    for key in ("original_index", "excluded_index", "soft_index"):
+        ours, theirs = record.get(key), saved.get(key)
+        if (ours is None) != (theirs is None) or (
+            ours is not None and not np.array_equal(ours, theirs)
+        ):
+            raise WorkdirConflictError(
+                f"{path} records other {key} rows than this config gives (the list named by "
+                "dataset.exclude_examples or objective.soft_label_examples changed?); refusing "
+                "to resume."
+            )
     return False
 
 
@@ -275,7 +289,9 @@ def train_and_evaluate(
                 write_json(os.path.join(workdir, CONFIG_FILE), config_to_dict(config))
             if write_labels:
                 save_npz(os.path.join(workdir, LABELS_FILE), **record)
-        return _train(config, workdir, train, test, mesh, plan, hooks, guard)
+        return _train(
+            config, workdir, train, test, mesh, plan, hooks, guard, record.get("soft_index")
+        )
 
 
 @dataclasses.dataclass
@@ -346,8 +362,8 @@ class _Context:
     saved_epoch: int = 0  # the last epoch whose checkpoint is on disk
 
 
-def _train(config, workdir, train, test, mesh, plan, hooks, guard) -> dict:
-    setup = build_run(config, train, mesh)
+def _train(config, workdir, train, test, mesh, plan, hooks, guard, soft_rows) -> dict:
+    setup = build_run(config, train, mesh, soft_rows=soft_rows)
     state, spe = setup.state, setup.steps_per_epoch
 
     ckpts = RunCheckpoints(workdir)

@@ -23,11 +23,21 @@ from jax_memat.analysis.grad_stats import GradStats
 from jax_memat.attacks import AttackSpec
 from jax_memat.data import Dataset, apply_corruptions, load_dataset, steps_per_epoch
 from jax_memat.experiment.checkpoints import RunCheckpoints
-from jax_memat.experiment.config import excluded_examples, training_attack, validate_config
+from jax_memat.experiment.config import (
+    excluded_examples,
+    soft_label_examples,
+    training_attack,
+    validate_config,
+)
 from jax_memat.experiment.errors import ConfigError
 from jax_memat.experiment.workdir import CONFIG_FILE, LABELS_FILE, read_json
 from jax_memat.models import get_model, make_apply_fn
-from jax_memat.objectives import Objective, make_objective, with_temporal_ensembling
+from jax_memat.objectives import (
+    Objective,
+    make_objective,
+    with_soft_targets,
+    with_temporal_ensembling,
+)
 from jax_memat.parallel import make_mesh
 from jax_memat.training.optim import make_optimizer, make_schedule
 from jax_memat.training.state import TrainState, create_train_state
@@ -76,7 +86,9 @@ def grad_stats_from_config(config) -> GradStats | None:
     )
 
 
-def load_data(config, *, excluded: np.ndarray | None = None) -> tuple[Dataset, Dataset, dict]:
+def load_data(
+    config, *, excluded: np.ndarray | None = None, soft: np.ndarray | None = None
+) -> tuple[Dataset, Dataset, dict]:
     """The training set (with the config's corruptions), the test set, and the labels record.
 
     With ``dataset.exclude_examples`` set, the listed rows are left out of the
@@ -90,12 +102,16 @@ def load_data(config, *, excluded: np.ndarray | None = None) -> tuple[Dataset, D
       config: a validated config.
       excluded: the rows to leave out, overriding the config's file (``load_run``
         passes the ones the run saved in ``labels.npz``).
+      soft: the loaded rows that get soft targets, overriding the config's
+        ``objective.soft_label_examples`` file (``load_run`` passes the saved ones).
 
     Returns:
       ``(train, test, record)``. ``record`` holds ``labels``, ``clean_labels``
       and ``changed`` per training row and, when rows were left out,
       ``original_index`` (int [N - k], each row's index in the full training
-      set) and ``excluded_index`` (int [k], sorted).
+      set) and ``excluded_index`` (int [k], sorted); with
+      ``objective.soft_label_examples`` set, ``soft_index`` (int, sorted: the
+      rows of this training set that get soft targets).
 
     Raises:
       ConfigError: the exclusion file is missing or invalid.
@@ -121,7 +137,35 @@ def load_data(config, *, excluded: np.ndarray | None = None) -> tuple[Dataset, D
         excluded = excluded_examples(config)
     if excluded is not None:
         train, record = _leave_out(train, record, np.asarray(excluded, np.int64))
+    if soft is None:
+        soft = _soft_rows(config, record)
+    if soft is not None:
+        record["soft_index"] = np.asarray(soft, np.int64)
     return train, test, record
+
+
+def _soft_rows(config, record: dict) -> np.ndarray | None:
+    """The loaded rows ``objective.soft_label_examples`` lists, or None when it is ``""``.
+
+    The list names rows of the full training set (as every hard-example list);
+    with rows left out they are renumbered through ``record["original_index"]``.
+    """
+    listed = soft_label_examples(config)
+    if listed is None:
+        return None
+    original = record.get("original_index")
+    if original is None:
+        return listed
+    position = np.searchsorted(original, listed)
+    found = (position < original.size) & (original[np.minimum(position, original.size - 1)] == listed)
+    if not found.all():
+        both = listed[~found]
+        raise ConfigError(
+            "Invalid config:\n  - objective.soft_label_examples: "
+            f"{both.size} of its rows are also left out by dataset.exclude_examples (e.g. "
+            f"{both[:5].tolist()}); accepted: lists that do not overlap."
+        )
+    return position.astype(np.int64)
 
 
 def _leave_out(train: Dataset, record: dict, excluded: np.ndarray) -> tuple[Dataset, dict]:
@@ -156,8 +200,19 @@ def model_from_config(config, num_classes: int) -> nn.Module:
     )
 
 
-def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
-    """Builds model, optimizer, objective and initial state from a validated config."""
+def build_run(
+    config, train: Dataset, mesh: Mesh, *, soft_rows: np.ndarray | None = None
+) -> RunSetup:
+    """Builds model, optimizer, objective and initial state from a validated config.
+
+    Args:
+      config: a validated config.
+      train: the training set the run uses (``load_data``).
+      mesh: the device mesh.
+      soft_rows: the training rows that get soft targets (``load_data``'s
+        ``record["soft_index"]``); needed when ``objective.soft_label_examples``
+        is set.
+    """
     module = model_from_config(config, train.num_classes)
     apply_fn = make_apply_fn(module)
     spe = steps_per_epoch(train.num_examples, config.batch_size)
@@ -184,6 +239,19 @@ def build_run(config, train: Dataset, mesh: Mesh) -> RunSetup:
         tx = grad_stats.optimizer(tx)
     attack = training_attack(config)
     objective = make_objective(config.objective.name, apply_fn, attack, beta=config.objective.beta)
+    if config.objective.get("soft_label_examples", ""):
+        if soft_rows is None:
+            raise ValueError(
+                "objective.soft_label_examples is set: pass build_run(..., soft_rows="
+                'record["soft_index"]) from load_data.'
+            )
+        # TRADES' attack is label-free: the soft target changes its cross-entropy only.
+        objective = with_soft_targets(
+            objective,
+            soft_rows,
+            smoothing=config.objective.soft_label_smoothing,
+            regularize_attack=config.objective.name != "trades",
+        )
     if config.te.enabled:
         objective = with_temporal_ensembling(
             objective,
@@ -284,10 +352,12 @@ def load_run(
     if os.path.exists(labels_path):
         with np.load(labels_path) as f:
             saved = {k: f[k] for k in f.files}
-    train, test, record = load_data(config, excluded=saved.get("excluded_index"))
+    train, test, record = load_data(
+        config, excluded=saved.get("excluded_index"), soft=saved.get("soft_index")
+    )
     if "labels" in saved:
         train = dataclasses.replace(train, labels=saved["labels"].astype(np.int32))
-    setup = build_run(config, train, mesh)
+    setup = build_run(config, train, mesh, soft_rows=record.get("soft_index"))
     ckpts = RunCheckpoints(workdir)
     try:
         kept = {k: ckpts.latest_step(k) for k in ("init", "latest", "best")}

@@ -3,7 +3,8 @@
 An ``Objective`` is an ``(init, loss)`` pair (see ``objectives/base.py``):
 ``init(num_examples, num_classes) -> state`` and ``loss(params, model_state,
 state, batch, info) -> (per_example_loss[B], LossAux)``. ``make_objective``
-builds standard training, PGD-AT and TRADES; ``with_temporal_ensembling`` is a
+builds standard training, PGD-AT and TRADES; ``with_temporal_ensembling`` and
+``with_soft_targets`` are
 transform ``Objective -> Objective`` with its own slot of the state. The mean
 over the batch is taken in exactly one place, the train step.
 
@@ -32,6 +33,13 @@ from jax_memat.objectives.losses import (
     make_objective,
     validate_objective_name,
 )
+from jax_memat.objectives.soft_targets import (
+    smoothed_targets,
+    smoothing_problem,
+    soft_cross_entropy,
+    soft_target_penalty,
+    with_soft_targets,
+)
 from jax_memat.objectives.temporal_ensembling import (
     init_soft_labels,
     ramp,
@@ -57,11 +65,16 @@ __all__ = [
     "margin",
     "ramp",
     "regularizer_sum",
+    "smoothed_targets",
+    "smoothing_problem",
+    "soft_cross_entropy",
+    "soft_target_penalty",
     "stateless_init",
     "te_penalty",
     "te_problems",
     "transform_state",
     "update_soft_labels",
     "validate_objective_name",
+    "with_soft_targets",
     "with_temporal_ensembling",
 ]
