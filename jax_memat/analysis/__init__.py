@@ -9,8 +9,10 @@
   into per-example gradients (each example's loss term in the train step's
   own full-batch forward pass, so they average to the step's gradient) or
   their reductions; ``GradStats`` records gradient statistics as a probe of
-  the train step without changing the update.
-- ``python -m jax_memat.analyze`` runs the analyses of ``reports.ANALYSES``.
+  the train step without changing the update; ``gradient_snapshot`` takes
+  them over many examples at one train state (live or restored).
+- ``python -m jax_memat.analyze`` (``jax_memat.experiment.analyses.analyze``)
+  runs the ``memorization`` and ``gradients`` analyses on a workdir.
 
 Example:
   >>> from jax_memat.analysis import hard_examples, load_records, write_hard_examples
@@ -25,6 +27,11 @@ from jax_memat.analysis.grad_stats import (
     find_recorder_state,
     grad_recorder,
     summarize_epoch,
+)
+from jax_memat.analysis.gradient_snapshot import (
+    gradient_snapshot,
+    plot_gradient_snapshot,
+    summarize_snapshot,
 )
 from jax_memat.analysis.gradients import (
     GradReductions,
@@ -65,6 +72,7 @@ __all__ = [
     "forgetting_events",
     "grad_recorder",
     "grad_reductions",
+    "gradient_snapshot",
     "group_quantiles",
     "hard_examples",
     "learning_time",
@@ -72,9 +80,11 @@ __all__ = [
     "lr_decay_epochs",
     "noise_scale",
     "per_example_grads",
+    "plot_gradient_snapshot",
     "plot_gradient_stats",
     "plot_loss_distributions",
     "read_hard_examples",
     "summarize_epoch",
+    "summarize_snapshot",
     "write_hard_examples",
 ]

@@ -1,14 +1,10 @@
-"""Analyses that turn a run's workdir into a JSON report and figures.
+"""Reports that turn a run's records into a JSON summary and figures.
 
-``analyze(name, workdir)`` runs one analysis by name and writes its outputs
-under ``<workdir>/analysis/`` (or ``out_dir``); ``python -m jax_memat.analyze``
-is the same from the command line. Every argument is checked before any
-file is read beyond the workdir's small JSON files, and before anything
-compiles.
+``jax_memat.experiment.analyses.analyze(name, workdir)`` runs them by name
+(``python -m jax_memat.analyze`` from the command line); the analyses that
+need a checkpoint live there too.
 
-Analyses:
-
-- ``memorization``: from the per-epoch evaluation records of the training
+- ``memorization_report``: from the per-epoch evaluation records of the training
   set (``per_example/train_epochNNNN.npz``): each example's learning time
   (first epoch from which it stays robustly fit), its forgetting events, the
   hard examples (default: the 10% with the highest PGD loss at the
@@ -23,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 
 import numpy as np
 
@@ -37,8 +32,6 @@ from jax_memat.analysis.memorization import (
 )
 from jax_memat.analysis.memorization_plots import plot_loss_distributions
 from jax_memat.fileio import atomic_write
-
-OUTPUT_DIR = "analysis"
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -110,31 +103,3 @@ def memorization_report(
     )
     _write_json(os.path.join(out_dir, "memorization.json"), summary)
     return summary
-
-
-ANALYSES: dict[str, Callable[..., dict]] = {"memorization": memorization_report}
-
-
-def analyze(name: str, workdir: str, out_dir: str | None = None, **options) -> dict:
-    """Runs the analysis ``name`` on ``workdir``; outputs go to ``out_dir``.
-
-    Args:
-      name: one of ``ANALYSES``.
-      workdir: a training workdir.
-      out_dir: default ``<workdir>/analysis``.
-      **options: the analysis's own options (e.g. ``fraction`` for memorization).
-
-    Raises:
-      ValueError: unknown analysis or bad option (names what is accepted).
-      FileNotFoundError: no run in ``workdir``, or nothing recorded that the
-        analysis needs (the message names the config field that records it).
-
-    Example:
-      >>> summary = analyze("memorization", "workdirs/quickstart", fraction=0.05)
-    """
-    if name not in ANALYSES:
-        raise ValueError(f"Unknown analysis {name!r}; accepted: {', '.join(sorted(ANALYSES))}.")
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
-        raise FileNotFoundError(f"{workdir} holds no training run (config.json is missing).")
-    out_dir = out_dir or os.path.join(workdir, OUTPUT_DIR)
-    return ANALYSES[name](workdir, out_dir, **options)

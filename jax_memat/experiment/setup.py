@@ -157,7 +157,8 @@ def _soft_rows(config, record: dict) -> np.ndarray | None:
     if original is None:
         return listed
     position = np.searchsorted(original, listed)
-    found = (position < original.size) & (original[np.minimum(position, original.size - 1)] == listed)
+    inside = np.minimum(position, original.size - 1)
+    found = (position < original.size) & (original[inside] == listed)
     if not found.all():
         both = listed[~found]
         raise ConfigError(
@@ -311,6 +312,26 @@ class LoadedRun:
     mesh: Mesh
 
 
+def resolve_checkpoint(ckpts: RunCheckpoints, workdir: str, checkpoint: str | int) -> str:
+    """The kind (``"init"``, ``"latest"`` or ``"best"``) of a kept checkpoint named by kind or step.
+
+    Raises:
+      FileNotFoundError: the workdir keeps no such checkpoint (the message
+        lists the kept steps).
+    """
+    kept = {k: ckpts.latest_step(k) for k in ("init", "latest", "best")}
+    if isinstance(checkpoint, int):
+        matches = [k for k, step in kept.items() if step == checkpoint]
+        if not matches:
+            raise FileNotFoundError(
+                f"{workdir} keeps no checkpoint at step {checkpoint}; kept steps: {kept}."
+            )
+        return matches[0]
+    if kept[checkpoint] is None:
+        raise FileNotFoundError(f"{workdir} has no {checkpoint!r} checkpoint; kept steps: {kept}.")
+    return checkpoint
+
+
 def load_run(
     workdir: str,
     checkpoint: str | int = "best",
@@ -346,30 +367,22 @@ def load_run(
     config = ml_collections.ConfigDict(read_json(path))
     # The rows a run left out are in its labels.npz: its exclusion file is not needed.
     validate_config(config, check_files=False)
-    mesh = make_mesh(devices)
-    labels_path = os.path.join(workdir, LABELS_FILE)
-    saved = {}
-    if os.path.exists(labels_path):
-        with np.load(labels_path) as f:
-            saved = {k: f[k] for k in f.files}
-    train, test, record = load_data(
-        config, excluded=saved.get("excluded_index"), soft=saved.get("soft_index")
-    )
-    if "labels" in saved:
-        train = dataclasses.replace(train, labels=saved["labels"].astype(np.int32))
-    setup = build_run(config, train, mesh, soft_rows=record.get("soft_index"))
     ckpts = RunCheckpoints(workdir)
     try:
-        kept = {k: ckpts.latest_step(k) for k in ("init", "latest", "best")}
-        if isinstance(kind, int):
-            matches = [k for k, step in kept.items() if step == kind]
-            if not matches:
-                raise FileNotFoundError(
-                    f"{workdir} keeps no checkpoint at step {kind}; kept steps: {kept}."
-                )
-            kind = matches[0]
-        if kept[kind] is None:
-            raise FileNotFoundError(f"{workdir} has no {kind!r} checkpoint.")
+        # The checkpoint is found before anything is built or compiled.
+        kind = resolve_checkpoint(ckpts, workdir, kind)
+        mesh = make_mesh(devices)
+        labels_path = os.path.join(workdir, LABELS_FILE)
+        saved = {}
+        if os.path.exists(labels_path):
+            with np.load(labels_path) as f:
+                saved = {k: f[k] for k in f.files}
+        train, test, record = load_data(
+            config, excluded=saved.get("excluded_index"), soft=saved.get("soft_index")
+        )
+        if "labels" in saved:
+            train = dataclasses.replace(train, labels=saved["labels"].astype(np.int32))
+        setup = build_run(config, train, mesh, soft_rows=record.get("soft_index"))
         state, meta = ckpts.restore(kind, setup.state)
     finally:
         ckpts.close()
