@@ -1,10 +1,12 @@
 """The random-label study's figure (claims C1 and C2 of Dong et al., ICLR 2022).
 
 One row of panels per run: natural and robust (PGD) accuracy on the training
-set *with the labels it was trained on* (noisy or random), natural and robust
-accuracy on the test set, and the squared global gradient norm (the
-quantity the authors' code logs, averaged over each epoch) on a log scale
-beside them. Runs are labelled by method, noise rate and model, read from
+set *with the labels it was trained on* (noisy or random) and on the test
+set; the squared global gradient norm (the quantity the authors' code logs,
+averaged over each epoch) and the per-example gradient variance on a log
+scale; and the alignment of the gradients (cosine of consecutive update
+gradients, mean cosine of per-example gradients with their batch's). The
+gradient panels need ``grad_stats.every_steps`` > 0 in the run. Runs are labelled by method, noise rate and model, read from
 each workdir's config.
 
     python experiments/random_labels_figure.py workdirs/rl_pgdat_r1 workdirs/rl_trades_r1 \\
@@ -61,14 +63,25 @@ def plot(workdirs: list[str], out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(workdirs), 2, figsize=(12, 3.6 * len(workdirs)), squeeze=False)
+    fig, axes = plt.subplots(len(workdirs), 3, figsize=(17, 3.6 * len(workdirs)), squeeze=False)
     curves = (
         ("train_natural_accuracy", "train natural (trained-on labels)", "C0", "-"),
         ("train_pgd_accuracy", "train robust (trained-on labels)", "C0", "--"),
         ("test_natural_accuracy", "test natural", "C1", "-"),
         ("test_pgd_accuracy", "test robust", "C1", "--"),
     )
-    for (ax_acc, ax_grad), workdir in zip(axes, workdirs, strict=True):
+
+    def series(rows, key, positive=False):
+        pts = [
+            (r["epoch"], r[key])
+            for r in rows
+            if isinstance(r.get(key), (int, float))
+            and math.isfinite(r[key])
+            and (r[key] > 0 or not positive)
+        ]
+        return list(zip(*pts, strict=True)) if pts else None
+
+    for (ax_acc, ax_norm, ax_cos), workdir in zip(axes, workdirs, strict=True):
         config = read_json(os.path.join(workdir, "config.json"))
         rows = read_metrics(workdir)
         for key, label, color, style in curves:
@@ -80,18 +93,31 @@ def plot(workdirs: list[str], out: str) -> None:
         ax_acc.set_ylim(0, 100)
         ax_acc.set_ylabel("accuracy (%)")
         ax_acc.set_title(describe(config), fontsize=10)
-        ax_acc.grid(alpha=0.3)
         ax_acc.legend(fontsize=7, loc="best")
-        pts = [
-            (r["epoch"], r["grad_norm_sq"])
-            for r in rows
-            if math.isfinite(r.get("grad_norm_sq", math.nan)) and r["grad_norm_sq"] > 0
-        ]
-        if pts:
-            ax_grad.plot(*zip(*pts, strict=True), color="C2")
-        ax_grad.set_yscale("log")
-        ax_grad.set_ylabel("squared gradient norm (epoch mean)")
-        ax_grad.grid(alpha=0.3)
+        # The authors' logged quantity, and the per-example spread where sampled.
+        for key, label, color in (
+            ("grad_norm_sq", "squared gradient norm (epoch mean)", "C2"),
+            ("grad_variance", "per-example gradient variance (sampled)", "C4"),
+        ):
+            pts = series(rows, key, positive=True)
+            if pts:
+                ax_norm.plot(*pts, color=color, label=label)
+        ax_norm.set_yscale("log")
+        ax_norm.set_title("gradient size", fontsize=10)
+        ax_norm.legend(fontsize=7, loc="best")
+        for key, label, color in (
+            ("grad_cosine_prev", "cos(g_t, g_t-1), consecutive steps", "C3"),
+            ("grad_example_cosine_mean", "mean cos(g_i, batch gradient), sampled", "C5"),
+        ):
+            pts = series(rows, key)
+            if pts:
+                ax_cos.plot(*pts, color=color, label=label)
+        ax_cos.axhline(0, color="grey", lw=0.8, ls=":")
+        ax_cos.set_ylim(-1, 1)
+        ax_cos.set_title("gradient alignment", fontsize=10)
+        ax_cos.legend(fontsize=7, loc="best")
+        for ax in (ax_acc, ax_norm, ax_cos):
+            ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
     fig.tight_layout()

@@ -159,6 +159,7 @@ def test_random_labels_figure(tmp_path):
 
     config = tiny_config(epochs=2)
     config.dataset.label_noise = 1.0
+    config.grad_stats.every_steps = 2  # the gradient panels
     workdir = str(tmp_path / "rl")
     train_and_evaluate(config, workdir)
     out = str(tmp_path / "figure.png")
@@ -173,3 +174,32 @@ def test_random_labels_figure(tmp_path):
     assert summary["test_natural_accuracy"] == last["test_natural_accuracy"]
     # A folder that holds no run is refused with exit code 2.
     assert figure.main([str(tmp_path), "--out", out]) == 2
+
+
+def test_random_labels_sweep_plans_valid_runs(capsys):
+    import experiments.random_labels_sweep as sweep
+    from jax_memat.experiment import validate_config
+
+    demo = sweep.plan("demo", "cpu", [], [], [])
+    assert [name for name, _ in demo] == [
+        "pgd_at_r1_w2",
+        "trades_r1_w2_beta6",
+        "trades_r1_w2_beta1",
+    ]
+    betas = sweep.plan("beta", "cpu", [0.5, 6.0], [], [])
+    assert [c.objective.beta for _, c in betas] == [0.5, 6.0]
+    widths = sweep.plan("width", "paper", [], [1, 4], [])
+    assert [(c.model.name, c.model.width) for _, c in widths] == [
+        ("wide_resnet", 1),
+        ("wide_resnet", 4),
+    ]
+    rates = sweep.plan("rate", "cpu", [], [], [0.0, 1.0])
+    assert [c.optimizer.weight_decay for _, c in rates] == [2e-4, 0.0]
+    for _, config in demo + betas + widths + rates:
+        validate_config(config)
+        assert config.dataset.label_noise in (0.0, 1.0)
+        # The TRADES attack starts unclipped, as the authors' (configs/random_labels.py).
+        assert config.attack.clip_start == (config.objective.name != "trades")
+    assert sweep.main(["--sweep", "beta", "--betas", "1,6", "--out-dir", "x", "--dry-run"]) == 0
+    assert "trades_r1_w2_beta6: x/trades_r1_w2_beta6" in capsys.readouterr().out
+    assert sweep.main(["--betas", "one", "--out-dir", "x"]) == 2
