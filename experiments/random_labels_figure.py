@@ -6,8 +6,8 @@ set; the squared global gradient norm (the quantity the authors' code logs,
 averaged over each epoch) and the per-example gradient variance on a log
 scale; and the alignment of the gradients (cosine of consecutive update
 gradients, mean cosine of per-example gradients with their batch's). The
-gradient panels need ``grad_stats.every_steps`` > 0 in the run. Runs are labelled by method, noise rate and model, read from
-each workdir's config.
+gradient panels need ``grad_stats.every_steps`` > 0 in the run. Runs are
+labelled by method, noise rate and model, read from each workdir's config.
 
     python experiments/random_labels_figure.py workdirs/rl_pgdat_r1 workdirs/rl_trades_r1 \\
         --out docs/random_labels.png
