@@ -6,14 +6,16 @@ examples of its training set (here, the mislabeled ones) and its robust test
 accuracy drops. This script runs the same Fashion-MNIST PGD-AT setting as
 experiments/te_demo.py with every per-example record, ranks the training
 examples by adversarial loss at the best-robust-accuracy epoch, and retrains
-twice: without the hardest ``--fraction`` of them, and, as a control,
-without as many examples drawn at random.
+three times: without the hardest ``--fraction`` of them; with them kept but
+given the uniform soft target (``objective.soft_label_examples``); and, as a
+control, without as many examples drawn at random.
 
   python experiments/memorization_demo.py --out-dir workdirs/memorization_demo
 
-Writes the three workdirs, the two lists (``hard.json``, ``random.json``),
-``summary.json`` and ``loss_distributions.png`` in ``--out-dir``, and prints
-the tables of docs/memorization.md.
+Writes the four workdirs, the two lists (``hard.json``, ``random.json``),
+``summary.json``, ``loss_distributions.png`` and ``robust_test_accuracy.png``
+(PGD test accuracy over epochs, one curve per run) in ``--out-dir``, and
+prints the tables of docs/memorization.md. Finished runs are not trained again.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ from jax_memat.analysis import (  # noqa: E402
     hard_examples,
     learning_time,
     load_records,
+    lr_decay_epochs,
     plot_loss_distributions,
     write_hard_examples,
 )
-from jax_memat.experiment import train_and_evaluate  # noqa: E402
+from jax_memat.experiment import read_metrics, train_and_evaluate  # noqa: E402
 from jax_memat.experiment.workdir import write_json  # noqa: E402
+from jax_memat.fileio import atomic_write  # noqa: E402
 
 
 def _accuracies(report: dict) -> dict:
@@ -77,6 +81,43 @@ def _memorization(records, hard) -> dict:
             "mean_forgetting_events": float(forgotten[members].mean()),
         }
     return out
+
+
+LABELS = {
+    "pgd_at": "PGD-AT, all examples",
+    "without_hard": "without the hard examples",
+    "soft_hard": "hard examples with uniform soft targets",
+    "without_random": "without as many random examples",
+}
+
+
+def plot_robust_test_accuracy(workdirs: dict[str, str], path: str) -> None:
+    """PGD test accuracy over epochs, one curve per run, the learning-rate decays marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (name, workdir) in enumerate(workdirs.items()):
+        rows = [r for r in read_metrics(workdir) if "test_pgd_accuracy" in r]
+        ax.plot(
+            [r["epoch"] for r in rows],
+            [100 * r["test_pgd_accuracy"] for r in rows],
+            color=f"C{i}",
+            label=LABELS.get(name, name),
+        )
+    for epoch in lr_decay_epochs(read_metrics(workdirs["pgd_at"])):
+        ax.axvline(epoch, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("epoch (dotted: learning-rate decay)")
+    ax.set_ylabel("robust test accuracy, PGD (%)")
+    ax.set_title("Robust overfitting with and without the hard examples")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -125,9 +166,14 @@ def main(argv=None) -> None:
         title=f"PGD-AT, Fashion-MNIST {args.num_train}, {args.label_noise:.0%} label noise",
     )
 
-    for name, path in lists.items():
+    retrain = {
+        "without_hard": ("dataset", "exclude_examples", lists["without_hard"]),
+        "soft_hard": ("objective", "soft_label_examples", lists["without_hard"]),
+        "without_random": ("dataset", "exclude_examples", lists["without_random"]),
+    }
+    for name, (section, field, path) in retrain.items():
         config = copy.deepcopy(base)
-        config.dataset.exclude_examples = path
+        config[section][field] = path
         workdirs[name] = os.path.join(args.out_dir, name)
         print(f"== {workdirs[name]}", flush=True)
         reports[name] = train_and_evaluate(config, workdirs[name])
@@ -137,6 +183,7 @@ def main(argv=None) -> None:
         "memorization": _memorization(records, hard),
         "random_overlap": int(np.isin(drawn, np.flatnonzero(records.corrupted)).sum()),
     }
+    plot_robust_test_accuracy(workdirs, os.path.join(args.out_dir, "robust_test_accuracy.png"))
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
     print(json.dumps(summary, indent=2))
 

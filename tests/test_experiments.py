@@ -203,3 +203,14 @@ def test_random_labels_sweep_plans_valid_runs(capsys):
     assert sweep.main(["--sweep", "beta", "--betas", "1,6", "--out-dir", "x", "--dry-run"]) == 0
     assert "trades_r1_w2_beta6: x/trades_r1_w2_beta6" in capsys.readouterr().out
     assert sweep.main(["--betas", "one", "--out-dir", "x"]) == 2
+
+
+def test_memorization_demo_accuracy_figure(tmp_path):
+    import experiments.memorization_demo as demo
+
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(tiny_config(epochs=3), workdir)  # lr decays after epoch 2
+    out = str(tmp_path / "acc.png")
+    demo.plot_robust_test_accuracy({"pgd_at": workdir, "soft_hard": workdir}, out)
+    assert os.path.getsize(out) > 10_000
+    assert set(demo.LABELS) == {"pgd_at", "without_hard", "soft_hard", "without_random"}
