@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -160,3 +161,26 @@ def test_analysis_of_a_restored_checkpoint_equals_the_live_state(tmp_path):
     direct = float(np.sqrt(tree_sq_norm(grad)))
     # Sums of 32 per-example gradients of a few thousand parameters in float32.
     assert restored["batch_mean_grad_norm"][0] == pytest.approx(direct, rel=256 * F32_EPS)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        ({"checkpoint": "newest"}, ValueError, "checkpoint='newest' is not accepted"),
+        ({"checkpoint": 12345}, FileNotFoundError, "keeps no checkpoint at step 12345"),
+        ({"num_examples": 40}, ValueError, "multiple of the run's batch_size=32"),
+        ({"num_examples": 128}, ValueError, "exceeds the 96 training examples"),
+        ({"microbatch": 0}, ValueError, "microbatch must be a positive integer"),
+    ],
+)
+def test_gradients_errors_come_before_anything_is_built(run, monkeypatch, kwargs, error, fragment):
+    import jax_memat.experiment.analyses as analyses
+
+    def no_build(*args, **kw):
+        raise AssertionError("load_run was called: the error should come before it")
+
+    monkeypatch.setattr(analyses, "load_run", no_build)
+    before = snapshot(run)
+    with pytest.raises(error, match=re.escape(fragment)):
+        analyses.analyze("gradients", run, **kwargs)
+    assert snapshot(run) == before

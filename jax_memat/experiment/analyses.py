@@ -120,15 +120,26 @@ def gradients_report(
         raise ValueError(f"microbatch must be a positive integer or None; got {microbatch!r}.")
     checkpoint = parse_checkpoint(checkpoint) or "best"
     _check_checkpoint_exists(workdir, checkpoint)
+    labels_path = os.path.join(workdir, LABELS_FILE)
+    saved_labels = None
+    if os.path.exists(labels_path):
+        with np.load(labels_path) as f:
+            saved_labels = {k: f[k] for k in ("labels", "changed") if k in f.files}
 
+    def whole_batches(rows: int) -> int:
+        total = rows - rows % batch_size
+        n = num_examples if num_examples is not None else min(4 * batch_size, total)
+        if n > total:
+            raise ValueError(
+                f"num_examples={n} exceeds the {total} training examples in whole batches of "
+                f"{batch_size}."
+            )
+        return n
+
+    if saved_labels and "labels" in saved_labels:
+        whole_batches(saved_labels["labels"].size)  # checked before anything is built
     run = load_run(workdir, checkpoint)
-    total = run.train.num_examples - run.train.num_examples % batch_size
-    n = num_examples if num_examples is not None else min(4 * batch_size, total)
-    if n > total:
-        raise ValueError(
-            f"num_examples={n} exceeds the {total} training examples in whole batches of "
-            f"{batch_size}."
-        )
+    n = whole_batches(run.train.num_examples)
     snapshot = gradient_snapshot(
         run.setup.objective,
         run.state,
@@ -141,11 +152,7 @@ def gradients_report(
         epoch=run.meta.get("epoch"),
         microbatch=microbatch,
     )
-    corrupted = None
-    labels_path = os.path.join(workdir, LABELS_FILE)
-    if os.path.exists(labels_path):
-        with np.load(labels_path) as f:
-            corrupted = f["changed"] if "changed" in f.files else None
+    corrupted = (saved_labels or {}).get("changed")
     summary = {
         "workdir": os.path.abspath(workdir),
         "checkpoint": checkpoint,
