@@ -307,7 +307,9 @@ def trace_layers(
     paths = [r["path"] for r in records]
     if len(set(paths)) != len(paths):
         twice = sorted({"/".join(p) for p in paths if paths.count(p) > 1})
-        raise ValueError(f"Modules called more than once (shared weights) are unsupported: {twice}.")
+        raise ValueError(
+            f"Modules called more than once (shared weights) are unsupported: {twice}."
+        )
     _check_params_covered(variables, paths)
 
     consumers = _marker_consumers(jaxpr.jaxpr)
@@ -461,5 +463,7 @@ def extract_layers(
             bias = t if bias is None else t + s * bias
             bn_name = bn_op.name
             name = f"{op.name}+{bn_op.path[-1]}"
-        layers.append(WeightLayer(name, op.path, op.kind, kernel, bias, op.input_shape, op.module, bn_name))
+        layers.append(
+            WeightLayer(name, op.path, op.kind, kernel, bias, op.input_shape, op.module, bn_name)
+        )
     return Layers(layers=tuple(layers), bn_policy=policy, bn=bn, trace=trace)
