@@ -467,3 +467,72 @@ def extract_layers(
             WeightLayer(name, op.path, op.kind, kernel, bias, op.input_shape, op.module, bn_name)
         )
     return Layers(layers=tuple(layers), bn_policy=policy, bn=bn, trace=trace)
+
+
+def apply_layers(
+    apply_fn: Callable[..., Any],
+    variables: Mapping[str, Any],
+    layers: Layers,
+    images: np.ndarray | jax.Array,
+) -> jax.Array:
+    """Runs the model in inference mode with its weight layers replaced by ``layers``.
+
+    Each conv/dense module applies its ``WeightLayer``'s kernel and bias
+    (after folding), a folded BatchNorm is the identity and a diagonal one is
+    ``x -> s * x + t``; everything else (activations, pooling, residual adds)
+    is the model's own. On the layers of ``extract_layers`` this computes the
+    model's inference-mode logits (the check that folding is exact); on
+    modified layers (e.g. squared, for the path norm) the network they define.
+
+    Args:
+      apply_fn: the model function ``layers`` was traced with (unjitted).
+      variables: variables of the same structure (their values are not used
+        by the replaced modules).
+      layers: ``WeightLayer``s of this model (possibly modified).
+      images: ``[B, ...]`` float inputs.
+
+    Returns:
+      ``[B, num_classes]`` float32 logits.
+
+    Example:
+      >>> from jax_memat import models
+      >>> model = models.get_model("small_cnn", 10)
+      >>> variables = models.init_model(model, jax.random.key(0), (28, 28, 1))
+      >>> apply = models.make_apply_fn(model)
+      >>> layers = extract_layers(apply, variables, (28, 28, 1))
+      >>> apply_layers(apply, variables, layers, np.zeros((2, 28, 28, 1))).shape
+      (2, 10)
+    """
+    linear = {}
+    diagonal = {}
+    for layer in layers.layers:
+        bias = None if layer.bias is None else jnp.asarray(layer.bias, jnp.float32)
+        if layer.kind == "bn":
+            diagonal[layer.path] = (jnp.asarray(layer.kernel, jnp.float32), bias)
+        else:
+            linear[layer.path] = (layer.module, jnp.asarray(layer.kernel, jnp.float32), bias)
+    folded = {
+        op.path
+        for op in layers.trace.ops
+        if op.kind == "bn" and layers.bn_policy[op.name] != "diagonal"
+    }
+
+    def interceptor(next_fun, args, kwargs, context):
+        path = tuple(context.module.path)
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        if path in linear:
+            module, kernel, bias = linear[path]
+            out = module.apply({"params": {"kernel": kernel}}, x.astype(jnp.float32))
+            return out if bias is None else out + bias
+        if path in diagonal:
+            scale, shift = diagonal[path]
+            return x.astype(jnp.float32) * scale + shift
+        if path in folded:
+            return x
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        logits, _ = apply_fn(variables, jnp.asarray(images, jnp.float32), False)
+    return logits.astype(jnp.float32)
