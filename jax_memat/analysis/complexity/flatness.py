@@ -30,6 +30,7 @@ parameters, which is how the tests pin them down on a known quadratic.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -449,7 +450,7 @@ def weight_loss_landscape(
     loss_grad = perturb.subset_loss_and_grad(apply_fn, attack)
     direction_key, attack_key = jax.random.split(perturb.as_key(key))
 
-    @jax.jit
+    @functools.partial(jax.jit, static_argnames="adversarial")
     def make_direction(variables, subset, direction_key, attack_key, adversarial):
         params = variables["params"]
         if adversarial:
@@ -468,7 +469,9 @@ def weight_loss_landscape(
     i0 = alphas.index(0.0)
     i_a0 = int(np.argmin(np.abs(np.asarray(alphas) - a0)))
     for name in directions:
-        d = make_direction(variables, subset, direction_key, attack_key, name == "adversarial")
+        d = make_direction(
+            variables, subset, direction_key, attack_key, adversarial=name == "adversarial"
+        )
         values = []
         for a in alphas:
             values.append(float(g(variables, subset, d, jnp.float32(a), attack_key)))
