@@ -112,12 +112,10 @@ def check_measures(measures: Sequence[str] | str | None) -> tuple[str, ...]:
         measures = [m.strip() for m in measures.split(",") if m.strip()]
     measures = tuple(measures)
     unknown = [m for m in measures if m not in MEASURES]
-    if unknown or not measures or len(set(measures)) != len(measures):
-        what = f"unknown {unknown}" if unknown else f"got {list(measures)}"
-        raise ValueError(
-            f"measures must be distinct names of complexity measures ({what}); accepted: "
-            f"{', '.join(MEASURES)}."
-        )
+    if unknown:
+        raise ValueError(f"Unknown measures {unknown}; accepted: {', '.join(MEASURES)}.")
+    if not measures or len(set(measures)) != len(measures):
+        raise ValueError(f"measures must be distinct names, at least one; got {list(measures)}.")
     return measures
 
 
