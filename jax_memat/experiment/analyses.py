@@ -511,6 +511,8 @@ def analyze(
             f"{', '.join(ANALYSIS_OPTIONS[name])}."
         )
     checkpoint = parse_checkpoint(checkpoint)
+    if "measures" in options:  # a bad argument is reported before a missing workdir
+        check_measures(options["measures"])
     workdirs = [workdir] if isinstance(workdir, str | os.PathLike) else list(workdir)
     workdirs = [os.fspath(w) for w in workdirs]
     if not workdirs:
