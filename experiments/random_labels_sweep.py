@@ -13,7 +13,11 @@ Sweeps (``--sweep``):
 - ``demo``: PGD-AT, TRADES (beta = 6) and TRADES (beta = 1) on random labels;
 - ``beta``: TRADES with each of ``--betas`` (default 0.5, 1, 3, 6);
 - ``width``: PGD-AT with each model width of ``--widths`` (the capacity study);
-- ``rate``: PGD-AT with each label-noise rate of ``--rates``.
+- ``rate``: each of ``--objectives`` (default PGD-AT; ``pgd_at,trades`` for
+  the noise-rate family of claim C3) with each label-noise rate of ``--rates``.
+
+Every sweep runs once per seed of ``--seeds`` (default 0); a run of seed
+``s > 0`` is named with ``_s{s}``.
 
 Scales (``--scale``):
 
@@ -32,6 +36,8 @@ finished run is not trained again, an interrupted one resumes.
 
     python experiments/random_labels_sweep.py --sweep demo --out-dir workdirs/random_labels
     python experiments/random_labels_sweep.py --sweep beta --betas 1,6 --out-dir workdirs/rl
+    python experiments/random_labels_sweep.py --sweep rate --objectives pgd_at,trades \
+        --seeds 0,1,2 --out-dir workdirs/noise_family  # then experiments/complexity_report.py
 
 Writes ``<sweep>.png`` and ``<sweep>.json`` (the last epoch's accuracies per
 run and whether it fitted its random labels) in ``--out-dir``.
@@ -98,8 +104,16 @@ def run_config(scale: str, objective: str, *, beta=6.0, width=None, rate=1.0):
     return c
 
 
-def plan(sweep: str, scale: str, betas, widths, rates) -> list[tuple[str, object]]:
-    """``[(run name, config)]`` for a sweep."""
+def plan(
+    sweep: str, scale: str, betas, widths, rates, *, seeds=(0,), objectives=("pgd_at",)
+) -> list[tuple[str, object]]:
+    """``[(run name, config)]`` for a sweep, every run once per seed.
+
+    ``objectives`` are those of ``--sweep rate`` (e.g. ``("pgd_at", "trades")``
+    for the noise-rate family of claim C3; TRADES with beta 6). A seed ``s``
+    other than 0 appends ``_s{s}`` to the name and sets ``config.seed``; seed
+    0 runs keep the names and configs they always had.
+    """
     if sweep == "demo":
         runs = [("pgd_at", {}), ("trades", {"beta": 6.0}), ("trades", {"beta": 1.0})]
     elif sweep == "beta":
@@ -107,15 +121,19 @@ def plan(sweep: str, scale: str, betas, widths, rates) -> list[tuple[str, object
     elif sweep == "width":
         runs = [("pgd_at", {"width": w}) for w in widths]
     else:
-        runs = [("pgd_at", {"rate": r}) for r in rates]
+        runs = [(o, {"rate": r}) for o in objectives for r in rates]
     out = []
-    for objective, kw in runs:
-        config = run_config(scale, objective, **kw)
-        width = config.model.cnn_width if scale == "cpu" else config.model.width
-        name = f"{objective}_r{config.dataset.label_noise:g}_w{width}"
-        if objective == "trades":
-            name += f"_beta{config.objective.beta:g}"
-        out.append((name, config))
+    for seed in seeds:
+        for objective, kw in runs:
+            config = run_config(scale, objective, **kw)
+            width = config.model.cnn_width if scale == "cpu" else config.model.width
+            name = f"{objective}_r{config.dataset.label_noise:g}_w{width}"
+            if objective == "trades":
+                name += f"_beta{config.objective.beta:g}"
+            if seed != 0:
+                name += f"_s{seed}"
+                config.seed = seed
+            out.append((name, config))
     return out
 
 
@@ -131,16 +149,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--betas", default="0.5,1,3,6", help="TRADES betas of --sweep beta")
     parser.add_argument("--widths", default="1,2,4", help="model widths of --sweep width")
     parser.add_argument("--rates", default="0,0.2,0.4,0.6,0.8,1", help="noise rates, --sweep rate")
+    parser.add_argument("--seeds", default="0", help="seeds, each run once per seed (e.g. 0,1,2)")
+    parser.add_argument(
+        "--objectives", default="pgd_at", help="objectives of --sweep rate (e.g. pgd_at,trades)"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     args = parser.parse_args(argv)
     try:
         betas, rates = _floats(args.betas), _floats(args.rates)
         widths = [int(w) for w in args.widths.split(",") if w]
+        seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError as err:
-        print(f"error: --betas, --rates and --widths are comma-separated numbers: {err}")
+        print(f"error: --betas, --rates, --widths and --seeds are comma-separated numbers: {err}")
         return 2
-    runs = plan(args.sweep, args.scale, betas, widths, rates)
+    objectives = [o for o in args.objectives.split(",") if o]
+    if not objectives or any(o not in ("pgd_at", "trades") for o in objectives):
+        print(f"error: --objectives takes pgd_at and/or trades; got {args.objectives!r}.")
+        return 2
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        print(f"error: --seeds takes distinct integers >= 0; got {args.seeds!r}.")
+        return 2
+    runs = plan(args.sweep, args.scale, betas, widths, rates, seeds=seeds, objectives=objectives)
     if args.epochs is not None:
         for _, config in runs:
             config.epochs = args.epochs

@@ -51,7 +51,7 @@ def test_cli_writes_the_memorization_report(run):
 @pytest.mark.parametrize(
     "args,code,fragment",
     [
-        (["nope"], 2, "Unknown analysis 'nope'; accepted: gradients, memorization"),
+        (["nope"], 2, "Unknown analysis 'nope'; accepted: complexity, gradients, memorization"),
         ([], 2, "name one analysis"),
         (["memorization", "--fraction=0"], 2, "fraction must be in (0, 1]"),
         (["memorization", "--checkpoint=best"], 2, "--checkpoint do(es) not apply"),

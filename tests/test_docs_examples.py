@@ -13,9 +13,18 @@ def _python_blocks(name):
         return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
 
 
-@pytest.mark.parametrize("name", ["memorization.md"])
-def test_notebook_example_runs(name, tmp_path, monkeypatch):
-    (block,) = _python_blocks(name)
+@pytest.mark.parametrize(
+    "name, output",
+    [
+        ("memorization.md", "workdirs/notebook/analysis/gradients.png"),
+        ("complexity.md", "workdirs/complexity/complexity.png"),
+    ],
+)
+def test_notebook_example_runs(name, output, tmp_path, monkeypatch):
+    blocks = _python_blocks(name)
+    assert blocks, f"docs/{name} has no python block"
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, f"docs/{name}", "exec"), {"__name__": "__docs__"})
-    assert os.path.isfile(tmp_path / "workdirs" / "notebook" / "analysis" / "gradients.png")
+    namespace = {"__name__": "__docs__"}
+    for block in blocks:  # in order, as a notebook's cells
+        exec(compile(block, f"docs/{name}", "exec"), namespace)
+    assert os.path.isfile(tmp_path / output)

@@ -203,6 +203,40 @@ def test_random_labels_sweep_plans_valid_runs(capsys):
     assert sweep.main(["--sweep", "beta", "--betas", "1,6", "--out-dir", "x", "--dry-run"]) == 0
     assert "trades_r1_w2_beta6: x/trades_r1_w2_beta6" in capsys.readouterr().out
     assert sweep.main(["--betas", "one", "--out-dir", "x"]) == 2
+    # The noise-rate family of claim C3: both objectives, several seeds; seed 0
+    # runs keep the names and configs above.
+    family = sweep.plan(
+        "rate", "cpu", [], [], [0.0, 1.0], seeds=[0, 2], objectives=["pgd_at", "trades"]
+    )
+    assert [name for name, _ in family] == [
+        "pgd_at_r0_w2",
+        "pgd_at_r1_w2",
+        "trades_r0_w2_beta6",
+        "trades_r1_w2_beta6",
+        "pgd_at_r0_w2_s2",
+        "pgd_at_r1_w2_s2",
+        "trades_r0_w2_beta6_s2",
+        "trades_r1_w2_beta6_s2",
+    ]
+    assert [c.seed for _, c in family] == [0] * 4 + [2] * 4
+    assert family[0][1].to_dict() == rates[0][1].to_dict()
+    for _, config in family:
+        validate_config(config)
+    cmd = ["--sweep", "rate", "--rates", "0.5", "--objectives", "pgd_at,trades", "--seeds", "0,1"]
+    assert sweep.main([*cmd, "--out-dir", "x", "--dry-run"]) == 0
+    assert "trades_r0.5_w2_beta6_s1: x/trades_r0.5_w2_beta6_s1" in capsys.readouterr().out
+    assert sweep.main(["--objectives", "sgd", "--out-dir", "x", "--dry-run"]) == 2
+    assert sweep.main(["--seeds", "0,0", "--out-dir", "x", "--dry-run"]) == 2
+
+
+def test_complexity_report_script_errors(tmp_path, capsys):
+    import experiments.complexity_report as report
+
+    assert report.main([str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 3
+    assert "holds no training run" in capsys.readouterr().out
+    assert report.main([str(tmp_path), "--out", "x", "--measures", "nope"]) == 2
+    assert "Unknown measures ['nope']" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_memorization_demo_accuracy_figure(tmp_path):
