@@ -462,9 +462,9 @@ def test_output_margins_clean_and_adversarial():
     assert np.any(adversarial < clean - 0.01)
     uint8 = output_margins(apply_fn, variables, (images * 255).astype(np.uint8), labels)
     scaled = (images * 255).astype(np.uint8).astype(np.float32) / 255
-    np.testing.assert_allclose(
-        uint8, np.asarray(margin(apply_fn(variables, scaled, False)[0], labels)), rtol=1e-5
-    )
+    direct = np.asarray(margin(apply_fn(variables, scaled, False)[0], labels))
+    # x * (1/255) and x / 255 differ by an ulp of the input; a few layers amplify it.
+    np.testing.assert_allclose(uint8, direct, rtol=0, atol=64 * F32_EPS * np.max(np.abs(direct)))
 
 
 # --- bad arguments -----------------------------------------------------------------------------

@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 
 from jax_memat.analysis import write_hard_examples
-from jax_memat.attacks.losses import cross_entropy
+from jax_memat.attacks.losses import cross_entropy, soft_cross_entropy
 from jax_memat.experiment import ConfigError, load_run, train_and_evaluate
 from jax_memat.experiment.errors import WorkdirConflictError
 from jax_memat.objectives import (
     StepInfo,
     make_objective,
-    soft_cross_entropy,
     soft_target_penalty,
     with_soft_targets,
     with_temporal_ensembling,

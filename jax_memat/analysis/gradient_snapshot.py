@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jax_memat.analysis.gradients import grad_reductions, noise_scale, tree_sq_norm
+from jax_memat.analysis.plots_gradients import _save_png
 from jax_memat.data import eval_batches, make_batch
 from jax_memat.objectives import Objective, StepInfo
 from jax_memat.parallel import batch_sharded, replicated, shard_batch
@@ -219,8 +220,6 @@ def plot_gradient_snapshot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jax_memat.fileio import atomic_write
-
     norms, cosine, loss = snapshot["grad_norm"], snapshot["grad_cosine"], snapshot["loss"]
     groups = [("all examples", np.ones(norms.size, bool), "tab:blue")]
     if corrupted is not None:
@@ -259,8 +258,7 @@ def plot_gradient_snapshot(
         ax.grid(alpha=0.3)
     fig.suptitle(title or "Per-example gradients")
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
     return path
 

@@ -166,7 +166,8 @@ def _check_saved_labels(workdir: str, record: dict) -> bool:
     try:
         with np.load(path) as f:
             saved = {k: f[k] for k in f.files}
-        saved["labels"]  # noqa: B018 (a file without labels is corrupt)
+        if "labels" not in saved:
+            raise KeyError("labels")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise CorruptFileError(
             f"{path} is corrupt ({type(err).__name__}: {err}). It holds the run's training labels; "

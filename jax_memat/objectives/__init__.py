@@ -36,7 +36,6 @@ from jax_memat.objectives.losses import (
 from jax_memat.objectives.soft_targets import (
     smoothed_targets,
     smoothing_problem,
-    soft_cross_entropy,
     soft_target_penalty,
     with_soft_targets,
 )
@@ -67,7 +66,6 @@ __all__ = [
     "regularizer_sum",
     "smoothed_targets",
     "smoothing_problem",
-    "soft_cross_entropy",
     "soft_target_penalty",
     "stateless_init",
     "te_penalty",

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_memat.attacks.losses import cross_entropy
+from jax_memat.attacks.losses import cross_entropy, soft_cross_entropy
 from jax_memat.objectives.base import (
     INNER,
     REGULARIZER_OUTPUTS,
@@ -62,12 +62,6 @@ def smoothing_problem(smoothing: object) -> str:
     return ""
 
 
-def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-example ``-sum_k q_k log softmax(logits)_k`` for target distributions ``q`` [B, K]."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.sum(targets * log_probs, axis=-1)
-
-
 def smoothed_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
     """``(1 - s) * onehot(labels) + s / K``, float32 [B, K]."""
     onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
@@ -83,6 +77,7 @@ def soft_target_penalty(
     Only the chosen rows' values are computed into the result; the others are
     exact zeros, so a run whose chosen set misses the batch is unchanged.
     """
+    logits = logits.astype(jnp.float32)
     targets = smoothed_targets(labels, logits.shape[-1], smoothing)
     delta = soft_cross_entropy(logits, targets) - cross_entropy(logits, labels)
     return jnp.where(chosen, delta, 0.0)
