@@ -6,6 +6,7 @@ an explicit sum over paths, BatchNorm folding against the model's own
 outputs, and the layer lists of the five registry models.
 """
 
+import dataclasses
 import itertools
 import math
 
@@ -168,6 +169,8 @@ def test_norm_measures_dense_closed_form():
     assert measures["margin_adversarial"] == 0.0
     assert measures["conv_norm_operator"] == 1.0
     assert measures["bn_folded"] == measures["bn_diagonal"] == 0.0
+    # Dense layers only: no power iteration ran, nothing to converge.
+    assert measures["power_iterations"] == 0.0 and measures["power_converged"] == 1.0
 
 
 # --- path norm ---------------------------------------------------------------------------------
@@ -217,6 +220,40 @@ def test_path_norm_conv_dense_explicit_sum():
     assert path_norm(apply_fn, variables, layers) == pytest.approx(total, rel=256 * F32_EPS)
 
 
+class DeepChain(nn.Module):
+    """``depth`` bias-free Dense(1) layers with ReLU between them, on [N, 1, 1, 1] images."""
+
+    depth: int = 12
+
+    @nn.compact
+    def __call__(self, images, train):
+        del train
+        x = images.reshape(images.shape[0], -1)
+        for i in range(self.depth):
+            x = nn.Dense(1, use_bias=False, name=f"fc{i}")(x)
+            if i < self.depth - 1:
+                x = nn.relu(x)
+        return x
+
+
+def test_path_norm_past_float32_range():
+    # One path, weight 1e4 per layer: the path norm is (1e4^2)^12 = 1e96, far past float32's
+    # 3.4e38; the float64 forward pass returns it to float64 rounding of 12 products.
+    model = DeepChain()
+    variables = models.init_model(model, jax.random.key(0), (1, 1, 1))
+    variables = jax.tree.map(lambda leaf: jnp.full(np.shape(leaf), 1e4, jnp.float32), variables)
+    apply_fn = models.make_apply_fn(model)
+    layers = extract_layers(apply_fn, variables, (1, 1, 1))
+    assert len(layers.layers) == 12
+    f64_eps = np.finfo(np.float64).eps
+    assert path_norm(apply_fn, variables, layers) == pytest.approx(1e96, rel=64 * f64_eps)
+    # What the float32 forward pass gave before: an overflow.
+    squared = [dataclasses.replace(layer, kernel=layer.kernel**2) for layer in layers.layers]
+    squared = dataclasses.replace(layers, layers=tuple(squared))
+    float32 = apply_layers(apply_fn, variables, squared, np.ones((1, 1, 1, 1), np.float32))
+    assert np.isinf(np.asarray(float32)).all()
+
+
 # --- conv norms --------------------------------------------------------------------------------
 
 
@@ -245,7 +282,7 @@ def test_conv_operator_norm_matches_explicit_matrix(strides, padding):
         if singular[1] < 0.98 * singular[0]:
             break
     assert singular[1] < 0.98 * singular[0]
-    estimate = conv_operator_norm(module, kernel, input_shape, iterations=1000)
+    estimate = conv_operator_norm(module, kernel, input_shape, iterations=1000, tol=0.0)
     # float32 rounding of sums of at most 3*3*2 products per output element, over the
     # norm's ~75 terms.
     assert estimate == pytest.approx(singular[0], rel=256 * F32_EPS)
@@ -253,6 +290,39 @@ def test_conv_operator_norm_matches_explicit_matrix(strides, padding):
     assert conv_operator_norm(module, kernel, input_shape, iterations=1) <= singular[0] * (
         1 + 256 * F32_EPS
     )
+
+
+def test_conv_operator_norm_stopping_rule():
+    module = nn.Conv(3, (3, 3), padding="SAME", use_bias=False)
+    input_shape = (5, 5, 2)
+    for seed in range(20):  # a kernel whose top singular value is separated by >= 10%
+        kernel = np.random.default_rng(seed).normal(size=(3, 3, 2, 3))
+        singular = np.linalg.svd(
+            _explicit_conv_matrix(module, kernel, input_shape), compute_uv=False
+        )
+        if singular[1] < 0.9 * singular[0]:
+            break
+    assert singular[1] < 0.9 * singular[0]
+    info = {}
+    estimate = conv_operator_norm(module, kernel, input_shape, iterations=1000, tol=1e-6, info=info)
+    # At rate (s2/s1)^2 <= 0.81 the tolerance stops it long before the limit, converged.
+    assert info["converged"] and 2 <= info["iterations"] < 1000
+    # Stopped when one step added <= 1e-6 relatively; at rate rho <= 0.81 what remains is at
+    # most rho / (1 - rho) < 4.3 times that, plus float32 rounding of ~75-term sums.
+    assert estimate == pytest.approx(singular[0], rel=5e-6 + 256 * F32_EPS)
+    # tol=0 runs until the estimate stops rising at all: here, every iteration of the limit.
+    full = {}
+    conv_operator_norm(module, kernel, input_shape, iterations=7, tol=0.0, info=full)
+    assert full == {"iterations": 7, "converged": False}
+    # A limit below what the rule needs: not converged, still a lower bound.
+    short = {}
+    low = conv_operator_norm(module, kernel, input_shape, iterations=2, tol=1e-9, info=short)
+    assert short == {"iterations": 2, "converged": False}
+    assert low <= singular[0] * (1 + 256 * F32_EPS)
+    with pytest.raises(ValueError, match="iterations must be a positive int"):
+        conv_operator_norm(module, kernel, input_shape, iterations=0)
+    with pytest.raises(ValueError, match=r"tol must be a number in \[0, 1\)"):
+        conv_operator_norm(module, kernel, input_shape, tol=2.0)
 
 
 def test_conv_reshaped_and_operator_norms_closed_form():
@@ -275,7 +345,10 @@ def test_conv_reshaped_and_operator_norms_closed_form():
         by_reshape = layer_norms(layers, conv_norm="reshaped")
         assert by_reshape.spec[0] == pytest.approx(reshaped, rel=16 * F32_EPS)
         assert by_reshape.fro_sq[0] == pytest.approx(float(np.sum(kernel**2)), rel=16 * F32_EPS)
-        by_operator = layer_norms(layers, conv_norm="operator", iterations=500)
+        # tol=0: iterate until the estimate stops rising (or 500 times): the check is of the
+        # operator, not of the stopping rule.
+        by_operator = layer_norms(layers, conv_norm="operator", iterations=500, tol=0.0)
+        assert 2 <= by_operator.power_iterations <= 500
         if operator is None:
             layer = layers.layers[0]
             matrix = _explicit_conv_matrix(layer.module, kernel, (6, 6, 1))
@@ -483,6 +556,9 @@ def _never_called(variables, images, train):
         ({"margin_percentile": -1}, r"in \[0, 100\]"),
         ({"margin_percentile": True}, r"in \[0, 100\]"),
         ({"power_iterations": 0}, "power_iterations"),
+        ({"power_iterations": 1.5}, "power_iterations"),
+        ({"power_tol": 1.0}, r"power_tol must be a number in \[0, 1\)"),
+        ({"power_tol": -1e-3}, "power_tol"),
         ({"batch_size": 0}, "batch_size"),
     ],
 )

@@ -474,6 +474,8 @@ def apply_layers(
     variables: Mapping[str, Any],
     layers: Layers,
     images: np.ndarray | jax.Array,
+    *,
+    dtype: Any = jnp.float32,
 ) -> jax.Array:
     """Runs the model in inference mode with its weight layers replaced by ``layers``.
 
@@ -490,9 +492,13 @@ def apply_layers(
         by the replaced modules).
       layers: ``WeightLayer``s of this model (possibly modified).
       images: ``[B, ...]`` float inputs.
+      dtype: the dtype the replaced layers compute in. ``jnp.float64``
+        needs ``jax.enable_x64(True)`` around the call (``path_norm`` does
+        this on the CPU); the model's own operations between the layers
+        follow their inputs' dtype.
 
     Returns:
-      ``[B, num_classes]`` float32 logits.
+      ``[B, num_classes]`` logits of ``dtype``.
 
     Example:
       >>> from jax_memat import models
@@ -506,11 +512,13 @@ def apply_layers(
     linear = {}
     diagonal = {}
     for layer in layers.layers:
-        bias = None if layer.bias is None else jnp.asarray(layer.bias, jnp.float32)
+        bias = None if layer.bias is None else jnp.asarray(layer.bias, dtype)
         if layer.kind == "bn":
-            diagonal[layer.path] = (jnp.asarray(layer.kernel, jnp.float32), bias)
+            diagonal[layer.path] = (jnp.asarray(layer.kernel, dtype), bias)
         else:
-            linear[layer.path] = (layer.module, jnp.asarray(layer.kernel, jnp.float32), bias)
+            # The clone computes in ``dtype``: the model's module may pin float32.
+            module = layer.module.clone(dtype=dtype, param_dtype=dtype)
+            linear[layer.path] = (module, jnp.asarray(layer.kernel, dtype), bias)
     folded = {
         op.path
         for op in layers.trace.ops
@@ -524,15 +532,15 @@ def apply_layers(
         x = args[0]
         if path in linear:
             module, kernel, bias = linear[path]
-            out = module.apply({"params": {"kernel": kernel}}, x.astype(jnp.float32))
+            out = module.apply({"params": {"kernel": kernel}}, x.astype(dtype))
             return out if bias is None else out + bias
         if path in diagonal:
             scale, shift = diagonal[path]
-            return x.astype(jnp.float32) * scale + shift
+            return x.astype(dtype) * scale + shift
         if path in folded:
             return x
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
-        logits, _ = apply_fn(variables, jnp.asarray(images, jnp.float32), False)
-    return logits.astype(jnp.float32)
+        logits, _ = apply_fn(variables, jnp.asarray(images, dtype), False)
+    return logits.astype(dtype)

@@ -74,8 +74,10 @@ def conv_operator_norm(
     kernel: np.ndarray | jax.Array,
     input_shape: Sequence[int],
     *,
-    iterations: int = 100,
+    iterations: int = 1000,
+    tol: float = 1e-6,
     seed: int = 0,
+    info: dict | None = None,
     _cache: dict | None = None,
 ) -> float:
     """The largest singular value of a linear layer as an operator on its input.
@@ -85,49 +87,92 @@ def conv_operator_norm(
     ``input_shape``, and ``A^T`` is ``jax.linear_transpose`` of it: padding
     and stride are the module's own. The estimate ``||A v||`` (``v`` the unit
     iterate) never exceeds the true norm and increases towards it, at the rate
-    ``(s_2 / s_1)^2`` per iteration. Convolutions often have nearly equal top
-    singular values (symmetric kernels, small maps); the estimate then lies
-    between ``s_2`` and ``s_1`` and its relative error is at most the gap.
+    ``(s_2 / s_1)^2`` per iteration. The iteration stops when one step raises
+    the estimate by at most ``tol`` relatively, or after ``iterations``
+    steps. At rate ``rho`` the remaining error is about ``rho / (1 - rho)``
+    times the last step, so the stopping rule is tight when the top singular
+    value is separated. Convolutions often have nearly equal top singular
+    values (symmetric kernels, small maps); the estimate then lies between
+    ``s_2`` and ``s_1`` and its relative error is at most the gap.
 
     Args:
       module: the layer (``WeightLayer.module``).
       kernel: its kernel.
       input_shape: one example's input shape at the layer, e.g. ``(8, 8, 16)``.
-      iterations: power iterations (float32, on the default device).
+      iterations: the most power iterations (float32, on the default device).
+      tol: relative increase of the estimate below which the iteration stops;
+        0 stops only when an iteration does not raise it at all.
       seed: seed of the random start.
+      info: if a dict, receives ``"iterations"`` (the steps taken) and
+        ``"converged"`` (whether the stopping rule was met before the limit).
 
     Returns:
       The estimated operator 2-norm.
+
+    Raises:
+      ValueError: for ``iterations < 1`` or ``tol`` outside ``[0, 1)``.
 
     Example:
       >>> conv = nn.Conv(1, (1, 1), use_bias=False)
       >>> conv_operator_norm(conv, np.full((1, 1, 1, 1), 3.0), (4, 4, 1))  # doctest: +ELLIPSIS
       3.0...
     """
+    check_power_iteration(iterations, tol)
     input_shape = tuple(int(d) for d in input_shape)
-    key = (repr(module), input_shape, tuple(np.shape(kernel)), iterations)
+    key = (repr(module), input_shape, tuple(np.shape(kernel)))
     cache = {} if _cache is None else _cache
     if key not in cache:
 
-        def run(kernel: jax.Array, start: jax.Array) -> jax.Array:
+        def run(kernel, start, max_steps, tol):
             def forward(x: jax.Array) -> jax.Array:
                 return module.apply({"params": {"kernel": kernel}}, x)
 
             transpose = jax.linear_transpose(forward, start)
 
-            def body(_, v):
+            def keep_going(carry):
+                step, _, previous, current = carry
+                rising = current - previous > tol * current
+                return (step < max_steps) & ((step < 2) | rising)
+
+            def body(carry):
+                step, v, _, current = carry
                 w = transpose(forward(v))[0]
                 # A zero operator maps everything to 0: keep v rather than divide by 0.
                 norm = jnp.linalg.norm(w)
-                return jnp.where(norm > 0, w / jnp.where(norm > 0, norm, 1.0), v)
+                v = jnp.where(norm > 0, w / jnp.where(norm > 0, norm, 1.0), v)
+                return step + 1, v, current, jnp.linalg.norm(forward(v))
 
             v = start / jnp.linalg.norm(start)
-            v = jax.lax.fori_loop(0, iterations, body, v)
-            return jnp.linalg.norm(forward(v))
+            sigma = jnp.linalg.norm(forward(v))
+            carry = (jnp.int32(0), v, jnp.zeros_like(sigma), sigma)
+            steps, _, previous, sigma = jax.lax.while_loop(keep_going, body, carry)
+            return sigma, steps, (steps >= 2) & (sigma - previous <= tol * sigma)
 
         cache[key] = jax.jit(run)
     start = jax.random.normal(jax.random.key(seed), (1, *input_shape), jnp.float32)
-    return float(cache[key](jnp.asarray(kernel, jnp.float32), start))
+    sigma, steps, converged = cache[key](
+        jnp.asarray(kernel, jnp.float32), start, jnp.int32(iterations), jnp.float32(tol)
+    )
+    if info is not None:
+        info["iterations"] = int(steps)
+        info["converged"] = bool(converged)
+    return float(sigma)
+
+
+def check_power_iteration(
+    iterations: int, tol: float, names: tuple[str, str] = ("iterations", "tol")
+) -> None:
+    """Raises ``ValueError`` unless ``iterations >= 1`` is an int and ``0 <= tol < 1``.
+
+    ``names`` are the arguments' names as the caller spells them, for the message.
+    """
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"{names[0]} must be a positive int, got {iterations!r}.")
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 <= tol < 1:
+        raise ValueError(
+            f"{names[1]} must be a number in [0, 1) (0: stop only when the estimate stops "
+            f"rising), got {tol!r}."
+        )
 
 
 def spectral_norm(
@@ -135,8 +180,10 @@ def spectral_norm(
     kernel: np.ndarray | None = None,
     *,
     conv_norm: str = "operator",
-    iterations: int = 100,
+    iterations: int = 1000,
+    tol: float = 1e-6,
     seed: int = 0,
+    info: dict | None = None,
     _cache: dict | None = None,
 ) -> float:
     """``||W||_2`` of one layer (or of another kernel of its shape, e.g. ``W - W0``).
@@ -150,8 +197,10 @@ def spectral_norm(
       layer: a ``WeightLayer``.
       kernel: the kernel to measure (default ``layer.kernel``).
       conv_norm: ``"operator"`` or ``"reshaped"``.
-      iterations: power iterations for the operator norm.
+      iterations: the most power iterations for the operator norm.
+      tol: the power iteration's stopping rule (``conv_operator_norm``).
       seed: seed of the power iteration's start.
+      info: filled by ``conv_operator_norm`` when it runs (else left alone).
 
     Returns:
       The spectral norm.
@@ -171,7 +220,9 @@ def spectral_norm(
             kernel,
             layer.input_shape,
             iterations=iterations,
+            tol=tol,
             seed=seed,
+            info=info,
             _cache=_cache,
         )
     return float(np.linalg.norm(_as_matrix(layer, kernel), 2))
@@ -218,6 +269,9 @@ class LayerNorms:
       dist_spec: ``||W_i - W_i^0||_2`` (None without init layers).
       dist_l21: ``||W_i^T - W_i^0T||_{2,1}`` (None without init layers).
       conv_norm: ``"operator"`` or ``"reshaped"``.
+      power_iterations: the most power iterations any operator norm took
+        (0 when none ran).
+      power_converged: whether every operator norm met its stopping rule.
     """
 
     names: tuple[str, ...]
@@ -228,6 +282,8 @@ class LayerNorms:
     dist_spec: np.ndarray | None
     dist_l21: np.ndarray | None
     conv_norm: str
+    power_iterations: int = 0
+    power_converged: bool = True
 
 
 def layer_norms(
@@ -235,7 +291,8 @@ def layer_norms(
     init_layers: Layers | None = None,
     *,
     conv_norm: str = "operator",
-    iterations: int = 100,
+    iterations: int = 1000,
+    tol: float = 1e-6,
     seed: int = 0,
 ) -> LayerNorms:
     """Frobenius, spectral and (2,1) norms of every layer, and of its distance to init.
@@ -246,7 +303,8 @@ def layer_norms(
         the same policy (``extract_layers(None, init_variables, bn=...,
         trace=layers.trace)``), or None.
       conv_norm: ``"operator"`` or ``"reshaped"``.
-      iterations: power iterations for conv operator norms.
+      iterations: the most power iterations of each conv operator norm.
+      tol: their stopping rule (``conv_operator_norm``).
       seed: seed of the power iterations.
 
     Returns:
@@ -264,6 +322,7 @@ def layer_norms(
       ('conv1+bn1', 'conv2+bn2', 'fc1', 'linear')
     """
     check_conv_norm(conv_norm)
+    check_power_iteration(iterations, tol)
     if init_layers is not None:
         same = len(init_layers.layers) == len(layers.layers) and all(
             a.name == b.name and a.kernel.shape == b.kernel.shape
@@ -274,11 +333,23 @@ def layer_norms(
                 "init_layers do not match layers (another model or another BatchNorm policy)."
             )
     cache: dict = {}
+    runs: list[dict] = []
 
     def spec(layer: WeightLayer, kernel: np.ndarray) -> float:
-        return spectral_norm(
-            layer, kernel, conv_norm=conv_norm, iterations=iterations, seed=seed, _cache=cache
+        info: dict = {}
+        value = spectral_norm(
+            layer,
+            kernel,
+            conv_norm=conv_norm,
+            iterations=iterations,
+            tol=tol,
+            seed=seed,
+            info=info,
+            _cache=cache,
         )
+        if info:
+            runs.append(info)
+        return value
 
     fro_sq, specs, l21 = [], [], []
     dist_fro_sq, dist_spec, dist_l21 = [], [], []
@@ -301,6 +372,8 @@ def layer_norms(
         dist_spec=np.asarray(dist_spec, np.float64) if with_init else None,
         dist_l21=np.asarray(dist_l21, np.float64) if with_init else None,
         conv_norm=conv_norm,
+        power_iterations=max((r["iterations"] for r in runs), default=0),
+        power_converged=all(r["converged"] for r in runs),
     )
 
 
@@ -351,7 +424,10 @@ def path_norm(apply_fn: Callable[..., Any], variables: Mapping[str, Any], layers
       the window position with the largest path sum, instead of summing over
       the window: it is a lower bound of the sum over the pool's paths.
 
-    Computed in float32: on a deep network it may overflow to ``inf``.
+    Computed in float64 on the host's CPU (``jax.enable_x64`` for this one
+    forward pass): the sum has one term per path, and products of squared
+    weights over tens of layers overflow float32 (``3.4e38``) long before
+    float64 (``1.8e308``). A result that still overflows is ``inf``.
 
     Args:
       apply_fn: the model function ``layers`` was traced with.
@@ -381,9 +457,10 @@ def path_norm(apply_fn: Callable[..., Any], variables: Mapping[str, Any], layers
             for layer in layers.layers
         ),
     )
-    ones = np.ones((1, *layers.trace.image_shape), np.float32)
-    logits = apply_layers(apply_fn, variables, squared, ones)
-    return float(jnp.sum(logits.astype(jnp.float32)))
+    ones = np.ones((1, *layers.trace.image_shape), np.float64)
+    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+        logits = apply_layers(apply_fn, variables, squared, ones, dtype=jnp.float64)
+        return float(jnp.sum(logits))
 
 
 def norm_measures(
@@ -399,7 +476,8 @@ def norm_measures(
     attack: AttackSpec | None = None,
     seed: int = 0,
     batch_size: int = 256,
-    power_iterations: int = 100,
+    power_iterations: int = 1000,
+    power_tol: float = 1e-6,
 ) -> dict[str, float]:
     """Every norm- and margin-based measure of one model, by name (docs/complexity.md).
 
@@ -423,7 +501,10 @@ def norm_measures(
     * settings: ``margin_gamma``, ``margin_percentile``, ``margin_positive``
       (1/0), ``margin_adversarial`` (1/0), ``conv_norm_operator`` (1: conv
       spectral norms are operator norms, 0: reshaped kernels),
-      ``bn_folded`` and ``bn_diagonal`` (BatchNorm counts under the policy).
+      ``bn_folded`` and ``bn_diagonal`` (BatchNorm counts under the policy);
+      ``power_iterations`` (the most any conv operator norm took) and
+      ``power_converged`` (1 when every one met its stopping rule, 0 when
+      one ran out of iterations: its norm is then a lower bound).
 
     Args:
       apply_fn: ``apply(variables, images, train) -> (logits, state)`` of
@@ -438,7 +519,9 @@ def norm_measures(
       attack: None for clean margins, else the attack (run in inference mode).
       seed: seed of the attack's random start and of the power iterations.
       batch_size: examples per margin batch.
-      power_iterations: iterations of each conv operator norm.
+      power_iterations: the most iterations of each conv operator norm.
+      power_tol: their stopping rule: the relative rise of the estimate in
+        one iteration below which it stops (``conv_operator_norm``).
 
     Returns:
       ``{name: float}``.
@@ -464,16 +547,18 @@ def norm_measures(
     margins_lib.check_inputs(images, labels, batch_size)
     if attack is not None:
         attack.validate()
-    if isinstance(power_iterations, bool) or not isinstance(power_iterations, int):
-        raise ValueError(f"power_iterations must be a positive int, got {power_iterations!r}.")
-    if power_iterations < 1:
-        raise ValueError(f"power_iterations must be a positive int, got {power_iterations!r}.")
+    check_power_iteration(power_iterations, power_tol, ("power_iterations", "power_tol"))
 
     image_shape = tuple(np.shape(images)[1:])
     layers = extract_layers(apply_fn, variables, image_shape, bn=bn)
     init_layers = extract_layers(None, init_variables, bn=bn, trace=layers.trace)
     norms = layer_norms(
-        layers, init_layers, conv_norm=conv_norm, iterations=power_iterations, seed=seed
+        layers,
+        init_layers,
+        conv_norm=conv_norm,
+        iterations=power_iterations,
+        tol=power_tol,
+        seed=seed,
     )
     margin_values = margins_lib.output_margins(
         apply_fn, variables, images, labels, attack=attack, seed=seed, batch_size=batch_size
@@ -517,4 +602,6 @@ def norm_measures(
         "conv_norm_operator": float(conv_norm == "operator"),
         "bn_folded": float(sum(p != "diagonal" for p in policy)),
         "bn_diagonal": float(sum(p == "diagonal" for p in policy)),
+        "power_iterations": float(norms.power_iterations),
+        "power_converged": float(norms.power_converged),
     }

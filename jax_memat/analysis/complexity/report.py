@@ -191,7 +191,9 @@ def complexity_measures(
     Returns:
       ``{name: float}``: the requested measures, ``num_examples``, and the
       flags of the groups run: ``margin_gamma``, ``margin_positive`` (1/0;
-      the over-margin measures are NaN when 0); ``<group>_saturated`` and
+      the over-margin measures are NaN when 0), ``power_converged`` (1/0:
+      whether every conv operator norm met its power-iteration stopping
+      rule); ``<group>_saturated`` and
       ``<group>_converged`` (1/0) for the searches ``pac_bayes``,
       ``pac_bayes_mag``, ``sharpness``, ``sharpness_mag`` (a saturated value is
       a floor, not a value); ``<group>_accuracy``, the unperturbed robust
@@ -273,6 +275,7 @@ def complexity_measures(
             out["inverse_margin_sq"] = 1.0 / r["margin_gamma"] ** 2 if positive else math.nan
             out["margin_gamma"] = float(r["margin_gamma"])
             out["margin_positive"] = float(positive)
+            out["power_converged"] = float(r["power_converged"])
             tick(1, 1)
         elif group in ("pac_bayes", "pac_bayes_mag"):
             r = sharpness.pac_bayes_sigma(
