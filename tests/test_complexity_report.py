@@ -20,6 +20,7 @@ from jax_memat.analysis.complexity.report import (
     check_measures,
     complexity_measures,
     family_report,
+    plot_family,
     report_markdown,
 )
 from jax_memat.experiment import load_run, train_and_evaluate
@@ -186,6 +187,41 @@ def test_family_report_leaves_unconverged_runs_out_of_the_ranking():
     assert "constant" in c["pac_bayes_bound_init"]["problem"]
     assert c["pac_bayes_bound_init"]["saturated_runs"] == ["r0.4"]
     assert "left out of the ranking: r1.0" in report_markdown(rep)
+    # One objective: its tau equals the family's.
+    assert c["dist_fro"]["by_objective"] == {"pgd_at": c["dist_fro"]["tau_b"]}
+
+
+def test_tau_by_objective_and_seed_series_plot(tmp_path):
+    # Two objectives, two seeds: dist_fro follows the gap inside PGD-AT and runs against it
+    # inside TRADES; over the whole family the two cancel partly.
+    runs = []
+    for objective, sign in (("pgd_at", 1.0), ("trades", -1.0)):
+        for seed in (0, 1):
+            for rate in (0.0, 0.5, 1.0):
+                gap = 0.2 + 0.5 * rate + 0.01 * seed + (0.1 if objective == "trades" else 0.0)
+                runs.append(
+                    {
+                        "name": f"{objective}_r{rate}_s{seed}",
+                        "hparams": {"objective": objective, "label_noise": rate, "seed": seed},
+                        "gap": gap,
+                        "converged": True,
+                        "robust_train_accuracy": 1.0,
+                        "robust_test_accuracy": 1.0 - gap,
+                        "natural_train_accuracy": 1.0,
+                        "measures": {"dist_fro": sign * gap},
+                    }
+                )
+    rep = family_report(runs, ["dist_fro"])
+    c = rep["correlation"]["dist_fro"]
+    assert c["by_objective"] == {"pgd_at": 1.0, "trades": -1.0}
+    gaps = [r["gap"] for r in runs]
+    assert c["tau_b"] == kendall_tau_b([r["measures"]["dist_fro"] for r in runs], gaps)
+    md = report_markdown(rep)
+    assert "| measure | tau-b | granulated tau | tau-b pgd_at | tau-b trades |" in md
+    assert "| dist_fro |" in md and "| 1 | -1 |" in md
+    path = str(tmp_path / "family.png")
+    assert plot_family(rep, path) == path
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_measure_names():

@@ -378,8 +378,11 @@ def family_report(runs: Sequence[Mapping[str, Any]], measures: Sequence[str]) ->
       ``excluded`` (run names; excluded = not converged), ``note`` (why no
       tau, when fewer than 2 runs are ranked) and ``correlation``: per
       measure ``{"tau_b", "granulated_tau", "granulated_axes", "num_ranked",
-      "saturated_runs", "problem"}`` (``problem`` says why a tau is NaN: a
-      non-finite value for a ranked run, or a constant measure).
+      "saturated_runs", "problem", "by_objective"}`` (``problem`` says why a
+      tau is NaN: a non-finite value for a ranked run, or a constant
+      measure; ``by_objective`` maps each ``objective`` hyperparameter value
+      with at least 2 ranked runs to the tau-b over those runs alone, NaN
+      where the measure or the gap is constant there).
 
     Example:
       >>> rows = [{"name": f"r{r}", "hparams": {"label_noise": r}, "gap": r, "converged": True,
@@ -417,6 +420,7 @@ def family_report(runs: Sequence[Mapping[str, Any]], measures: Sequence[str]) ->
             "num_ranked": len(ranked),
             "saturated_runs": [r["name"] for r in ranked if flag and r["measures"].get(flag)],
             "problem": None,
+            "by_objective": {},
         }
         bad = [n for n, v in zip(names, values, strict=True) if not math.isfinite(v)]
         if bad:
@@ -429,8 +433,24 @@ def family_report(runs: Sequence[Mapping[str, Any]], measures: Sequence[str]) ->
                 row["granulated_axes"] = result["granulated"]["axes"]
             if math.isnan(row["tau_b"]):
                 row["problem"] = "constant over the ranked runs (or a constant gap)"
+            row["by_objective"] = _tau_by_objective(ranked, values, gap)
         report["correlation"][measure] = row
     return report
+
+
+def _tau_by_objective(
+    ranked: Sequence[Mapping[str, Any]], values: Sequence[float], gap: Sequence[float]
+) -> dict[str, float]:
+    """Tau-b within each objective (the paper ranks PGD-AT and TRADES runs separately too)."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(ranked):
+        if "objective" in r["hparams"]:
+            groups.setdefault(str(r["hparams"]["objective"]), []).append(i)
+    return {
+        objective: correlation.kendall_tau_b([values[i] for i in rows], [gap[i] for i in rows])
+        for objective, rows in sorted(groups.items())
+        if len(rows) >= 2
+    }
 
 
 def _fmt(value: Any) -> str:
@@ -492,13 +512,22 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         axes_text = ", ".join(report["axes"]) or "none (no axis varies)"
         lines.append(f"Ranked runs: {len(report['ranked'])}; granulated over: {axes_text}.")
         lines.append("")
-        lines.append("| measure | tau-b | granulated tau | saturated runs | note |")
-        lines.append("| --- | --- | --- | --- | --- |")
+        objectives = sorted(
+            {o for c in report["correlation"].values() for o in c.get("by_objective", {})}
+        )
+        lines.append(
+            "| measure | tau-b | granulated tau | "
+            + "".join(f"tau-b {o} | " for o in objectives)
+            + "saturated runs | note |"
+        )
+        lines.append("|" + " --- |" * (5 + len(objectives)))
         for name in measures:
             c = report["correlation"][name]
+            per = c.get("by_objective", {})
             lines.append(
                 f"| {name} | {_fmt(c['tau_b'])} | {_fmt(c['granulated_tau'])} | "
-                f"{len(c['saturated_runs'])} | {c['problem'] or ''} |"
+                + "".join(f"{_fmt(per.get(o, math.nan))} | " for o in objectives)
+                + f"{len(c['saturated_runs'])} | {c['problem'] or ''} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -531,11 +560,29 @@ def report_csv(report: Mapping[str, Any]) -> str:
     return buffer.getvalue()
 
 
+def _series(runs: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[Mapping[str, Any]]]]:
+    """Runs grouped by every varying hyperparameter but the noise rate and the seed."""
+    varying = varying_axes([r["hparams"] for r in runs])
+    axes = [a for a in varying if a not in ("label_noise", "seed")]
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        parts = [
+            str(r["hparams"].get(a)) if a == "objective" else f"{a}={r['hparams'].get(a)}"
+            for a in axes
+        ]
+        groups.setdefault(", ".join(parts) or "runs", []).append(r)
+    return sorted(groups.items())
+
+
 def plot_family(report: Mapping[str, Any], path: str, title: str = "") -> str:
     """One panel per measure against the label-noise rate, and a panel of the gap.
 
-    Markers per objective; runs that did not converge are drawn hollow.
-    Runs without a ``label_noise`` hyperparameter are placed at 0.
+    One series per setting of the varying hyperparameters other than the
+    noise rate and the seed (e.g. objective, width), each with its own
+    marker: every run is a point, and the line joins the mean over seeds at
+    each noise rate. Runs that did not converge are drawn hollow and left out
+    of the line. Runs without a ``label_noise`` hyperparameter are placed at 0.
+    The panel titles give the tau-b over the ranked runs.
 
     Returns:
       ``path`` (written atomically).
@@ -550,33 +597,46 @@ def plot_family(report: Mapping[str, Any], path: str, title: str = "") -> str:
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
-    objectives = sorted({str(r["hparams"].get("objective", "")) for r in runs})
-    markers = dict(zip(objectives, "osD^v<>pX*", strict=False))
+    series = _series(runs)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def value(r: Mapping[str, Any], panel: str) -> float:
+        v = r["gap"] if panel == "gap" else r["measures"].get(panel, math.nan)
+        return float(math.nan if v is None else v)
+
     try:
         for ax, panel in zip(axes.flat, panels, strict=False):
-            for objective in objectives:
+            drawn = False
+            for index, (label, members) in enumerate(series):
+                style = {"color": colors[index % len(colors)], "marker": "osD^v<>pX*"[index % 10]}
+                by_rate: dict[float, list[float]] = {}
                 for converged in (True, False):
                     pts = [
-                        (
-                            float(r["hparams"].get("label_noise", 0.0)),
-                            float(r["gap"] if panel == "gap" else r["measures"].get(panel)),
-                        )
-                        for r in runs
-                        if str(r["hparams"].get("objective", "")) == objective
-                        and bool(r["converged"]) == converged
+                        (float(r["hparams"].get("label_noise", 0.0)), value(r, panel))
+                        for r in members
+                        if bool(r["converged"]) == converged and math.isfinite(value(r, panel))
                     ]
                     if not pts:
                         continue
+                    drawn = True
                     ax.plot(
-                        *zip(*sorted(pts), strict=True),
-                        linestyle="-" if converged else "none",
-                        marker=markers.get(objective, "o"),
+                        *zip(*pts, strict=True),
+                        linestyle="none",
                         fillstyle="full" if converged else "none",
-                        label=(objective or "run") + ("" if converged else " (not converged)"),
+                        alpha=0.6 if converged else 1.0,
+                        label=None if converged else f"{label} (not converged)",
+                        **style,
                     )
+                    if converged:
+                        for rate, v in pts:
+                            by_rate.setdefault(rate, []).append(v)
+                if by_rate:
+                    rates = sorted(by_rate)
+                    means = [float(np.mean(by_rate[rate])) for rate in rates]
+                    ax.plot(rates, means, linestyle="-", label=label, **style)
             c = report["correlation"].get(panel)
             tau = f"  (tau-b {_fmt(c['tau_b'])})" if c else ""
-            if not ax.lines:
+            if not drawn:
                 ax.text(
                     0.5,
                     0.5,
