@@ -315,6 +315,8 @@ def test_cli_end_to_end(family, tmp_path):
     )
     assert saved["correlation"]["dist_fro"]["tau_b"] == _nan_to_none(tau)
     assert "dist_fro: tau-b" in proc.stdout and "r0.5: robust gap" in proc.stdout
+    # Progress names the run, the measure group and its time.
+    assert re.search(r"\[2/2\] r0\.5: norms done \(\d+ s\)", proc.stdout), proc.stdout
 
 
 @pytest.mark.parametrize(

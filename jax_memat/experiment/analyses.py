@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -388,9 +389,17 @@ def complexity_report(
             f"natural train accuracy {accuracies['natural_train_accuracy']:.4f}"
         )
 
-        def tick(group: str, done: int, total: int, name=name, i=i) -> None:
+        # Groups run one after another: each begins when the previous one is done.
+        group_start = [time.perf_counter()]
+
+        def tick(group: str, done: int, total: int, name=name, i=i, start=group_start) -> None:
+            # Every step of a search or sweep, with the time since the group began: a
+            # worst-case search on a CPU takes minutes per run.
+            now = time.perf_counter()
+            state = "done" if done == total else f"{done}/{total}"
+            say(f"[{i + 1}/{len(workdirs)}] {name}: {group} {state} ({now - start[0]:.0f} s)")
             if done == total:
-                say(f"[{i + 1}/{len(workdirs)}] {name}: {group} done")
+                start[0] = now
 
         values = complexity_measures(
             run.setup.apply_fn,
