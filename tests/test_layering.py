@@ -2,7 +2,7 @@
 
 data, models -> attacks -> objectives -> training -> evaluation (and
 analysis beside it) -> experiment -> the entry points; ``parallel`` (the mesh
-and shardings) sits below them all. Checked on the source, so an upward
+and shardings) and ``distributed`` (the multi-process runtime) sit below them all. Checked on the source, so an upward
 import fails here before it can make a cycle.
 """
 
@@ -14,6 +14,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jax_memat")
 LAYERS = {
     "parallel": 0,
+    "distributed": 0,
     "fileio": 0,
     "data": 1,
     "models": 1,
