@@ -2,8 +2,9 @@
 
 data, models -> attacks -> objectives -> training -> evaluation (and
 analysis beside it) -> experiment -> the entry points; ``parallel`` (the mesh
-and shardings) and ``distributed`` (the multi-process runtime) sit below them all. Checked on the source, so an upward
-import fails here before it can make a cycle.
+and shardings), ``distributed`` (the multi-process runtime) and ``fileio``
+sit below them all. Checked on the source, so an upward import fails here
+before it can make a cycle.
 """
 
 import ast
