@@ -20,7 +20,7 @@ from jax_memat.models import get_model, make_apply_fn
 from jax_memat.objectives import make_objective, with_temporal_ensembling
 from jax_memat.parallel import make_mesh, process_rows, shard_batch, state_shardings, to_host
 from jax_memat.training import create_train_state, make_optimizer, make_train_step
-from tests.test_training import ATTACK, _batch
+from tests.test_training import _batch
 
 CLUSTER_VARS = (
     "SLURM_JOB_ID",
@@ -173,8 +173,9 @@ def _te_steps(shard_min: int | None, num_steps: int = 3):
     mesh = make_mesh()
     module = get_model("small_cnn", 4)
     apply_fn = make_apply_fn(module)
+    # Standard training under TE: the table's layout is what is tested, not the attack.
     objective = with_temporal_ensembling(
-        make_objective("pgd_at", apply_fn, ATTACK), apply_fn, ramp_start=1, ramp_end=2
+        make_objective("standard", apply_fn), apply_fn, ramp_start=1, ramp_end=2
     )
     tx = make_optimizer("sgd", 0.05, momentum=0.9)
     state = create_train_state(
@@ -212,3 +213,33 @@ def test_split_table_gives_the_numbers_of_the_replicated_one():
     # Same program up to where the table lives: the same numbers, bit for bit.
     for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(whole), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_table_that_does_not_split_evenly_stays_whole_with_a_warning(tmp_path, capsys):
+    from jax_memat.experiment.loop import _check_resources
+    from tests.test_run import tiny_config
+
+    config = tiny_config(te=True)
+    config.parallel.shard_table_mib = 0
+    config.dataset.num_train_examples = 100  # not a multiple of the 8 devices
+    _check_resources(config, str(tmp_path / "run"), make_mesh())
+    err = capsys.readouterr().err
+    assert "its 100 rows do not split evenly over the 8 devices" in err
+    config.dataset.num_train_examples = 96
+    _check_resources(config, str(tmp_path / "run"), make_mesh())
+    assert "do not split" not in capsys.readouterr().err
+
+
+def test_memory_estimate_counts_this_devices_part_of_a_split_table():
+    from jax_memat.experiment.resources import estimate_memory
+
+    kwargs = dict(
+        image_shape=(8, 8, 1), num_classes=10, num_train=800, num_test=8, batch_per_device=4
+    )
+    module = get_model("small_cnn", 10)
+    whole = estimate_memory(module, te_table=True, **kwargs)
+    split = estimate_memory(module, te_table=True, table_shards=8, **kwargs)
+    assert whole.table == 4 * 800 * 10 and split.table == whole.table // 8
+    assert split.total == whole.total - whole.table + split.table
+    # A checkpoint holds the whole table however it is laid out.
+    assert split.checkpoint_bytes == whole.checkpoint_bytes
