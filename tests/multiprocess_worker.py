@@ -8,8 +8,7 @@ multi-process program must):
 - ``rows``: this process's rows of a global batch, and the global batch's
   indices as the train step sees them, to ``<out>/rows_<process>.npz``;
 - ``train``: ``train_and_evaluate`` of the tests' tiny config in a workdir,
-  optionally stopped (an exception from a hook) after a given step, or
-  expected to fail (the error to ``<out>/failure_<process>.json``);
+  optionally stopped (an exception from a hook) after a given step;
 - ``autoattack``: a short AutoAttack of a small trained MLP; process 0
   writes the per-point result to an ``.npz``.
 """
@@ -42,7 +41,7 @@ def main(coordinator: str, num_processes: int, process_id: int, task_path: str) 
         if kind == "rows":
             _rows(item, process_id)
         elif kind == "train":
-            _train(item, process_id)
+            _train(item)
         elif kind == "autoattack":
             _autoattack(item)
         else:
@@ -79,9 +78,8 @@ def _rows(item: dict, process_id: int) -> None:
     )
 
 
-def _train(item: dict, process_id: int) -> None:
+def _train(item: dict) -> None:
     from jax_memat.experiment import train_and_evaluate
-    from jax_memat.experiment.errors import exit_code
     from tests.test_multiprocess import run_config
 
     stop_after = item.get("stop_after_step")
@@ -94,15 +92,6 @@ def _train(item: dict, process_id: int) -> None:
         train_and_evaluate(run_config(item["epochs"]), item["workdir"], hooks=[stop])
     except _Stop:
         pass
-    except Exception as err:
-        if not item.get("expect_failure"):
-            raise
-        failure = {"type": type(err).__name__, "exit_code": exit_code(err), "message": str(err)}
-        with open(os.path.join(item["out"], f"failure_{process_id}.json"), "w") as f:
-            json.dump(failure, f)
-        return
-    if item.get("expect_failure"):
-        raise AssertionError(f"the run in {item['workdir']} was expected to fail")
 
 
 def _autoattack(item: dict) -> None:

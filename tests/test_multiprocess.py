@@ -1,7 +1,7 @@
 """Two processes on JAX's multi-process runtime against one, on CPU devices (gloo collectives).
 
 One launch of two processes (``tests/multiprocess_worker.py``), each with four
-simulated CPU devices, on a free localhost port, does everything the tests
+simulated CPU devices, on a free localhost port, does most of what the tests
 below check, so that the start-up and compilations are paid once:
 
 - the rows of a global batch each process feeds, and the batch's example
@@ -14,8 +14,10 @@ below check, so that the start-up and compilations are paid once:
   per-example records equal those of the uninterrupted one-process run;
 - AutoAttack (APGD-T and Square) of a small trained model: the same per
   point;
-- a run on a workdir this test holds the lock of: process 0 fails to take
-  it, and both processes stop with its message and exit code.
+- and, in a second launch, the training CLI over two processes
+  (``--coordinator_address``, ``--num_processes``, ``--process_id``) on a
+  workdir this test holds the lock of: process 0 fails to take it, and both
+  processes stop with its message and exit code 3.
 
 The two processes form the same mesh of eight devices as the one-process runs
 (``conftest.py``), so every per-device program is the same; only the
@@ -60,6 +62,8 @@ def run_config(epochs: int):
     c.parallel.shard_table_mib = 0  # split the N x K table over all devices of both processes
     c.eval.num_train_examples = 32  # evaluation costs most of the tiny run's time
     c.final_eval.cw = False
+    # The final report's attack as the epochs': the same program, compiled (and cached) once.
+    c.final_eval.pgd_steps = c.eval.pgd_steps
     return c
 
 
@@ -110,11 +114,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(task: dict, folder: str) -> list[str]:
-    """Runs the worker in two processes; returns their logs. Kills both on failure or timeout."""
-    path = os.path.join(folder, "task.json")
-    with open(path, "w") as f:
-        json.dump(task, f)
+def _launch(command, folder: str, name: str, expect=(0, 0)) -> list[str]:
+    """Runs ``command(address, process_id)`` in two processes; returns their outputs.
+
+    Both are killed (with their children) when one ends with another exit code
+    than ``expect`` says or when ``LAUNCH_TIMEOUT_S`` passes; the test then fails
+    with the end of both outputs.
+    """
     env = dict(os.environ)
     env.update(
         XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -122,13 +128,13 @@ def _launch(task: dict, folder: str) -> list[str]:
         PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
     )
     address = f"localhost:{_free_port()}"
-    logs = [os.path.join(folder, f"process_{i}.log") for i in range(2)]
+    logs = [os.path.join(folder, f"{name}_{i}.log") for i in range(2)]
     procs = []
     for i in range(2):
         with open(logs[i], "w") as log:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, WORKER, address, "2", str(i), path],
+                    command(address, i),
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,
@@ -139,8 +145,8 @@ def _launch(task: dict, folder: str) -> list[str]:
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     try:
         while any(p.poll() is None for p in procs):
-            failed = [p for p in procs if p.poll() not in (None, 0)]
-            if failed or time.monotonic() > deadline:
+            wrong = [p for p, e in zip(procs, expect, strict=True) if p.poll() not in (None, e)]
+            if wrong or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     finally:
@@ -153,9 +159,12 @@ def _launch(task: dict, folder: str) -> list[str]:
         with open(log) as f:
             texts.append(f.read())
     codes = [p.returncode for p in procs]
-    if codes != [0, 0]:
+    if codes != list(expect):
         tails = "\n".join(f"--- process {i} ---\n{t[-4000:]}" for i, t in enumerate(texts))
-        pytest.fail(f"the two processes ended with {codes} (limit {LAUNCH_TIMEOUT_S} s):\n{tails}")
+        pytest.fail(
+            f"{name}: the two processes ended with {codes}, expected {list(expect)} (limit "
+            f"{LAUNCH_TIMEOUT_S} s):\n{tails}"
+        )
     return texts
 
 
@@ -174,25 +183,35 @@ def runs(tmp_path_factory):
         {"kind": "rows", "batch_size": 16, "out": str(root)},
         {"kind": "train", "workdir": path["chain"], "epochs": EPOCHS, "stop_after_step": STOP_TWO},
         {"kind": "autoattack", "out": str(root / "autoattack.npz")},
-        {
-            "kind": "train",
-            "workdir": path["locked"],
-            "epochs": 1,
-            "expect_failure": True,
-            "out": str(root),
-        },
     ]
+    task = str(root / "task.json")
+    with open(task, "w") as f:
+        json.dump({"steps": steps}, f)
+    logs = _launch(lambda a, i: [sys.executable, WORKER, a, "2", str(i), task], str(root), "worker")
+    # The CLI over two processes, on a workdir whose lock this test holds.
     lock = WorkdirLock(path["locked"])
     lock.acquire()
     try:
-        start = time.perf_counter()
-        logs = _launch({"steps": steps}, str(root))
-        launch_s = time.perf_counter() - start
+        cli = _launch(
+            lambda a, i: [
+                sys.executable,
+                "-m",
+                "jax_memat.main",
+                "--config=tests/tiny_cli_config.py:1",
+                f"--workdir={path['locked']}",
+                f"--coordinator_address={a}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            str(root),
+            "cli",
+            expect=(3, 3),
+        )
     finally:
         lock.release()
     assert [r["epoch"] for r in read_metrics(path["chain"])] == [1, 2]
     train_and_evaluate(run_config(EPOCHS), path["chain"])
-    return {"root": str(root), "logs": logs, "launch_s": launch_s, **path}
+    return {"root": str(root), "logs": logs, "cli": cli, **path}
 
 
 def test_each_process_feeds_its_rows_of_the_global_batch(runs):
@@ -293,13 +312,14 @@ def test_autoattack_over_two_processes_equals_one_process(runs):
 
 
 def test_a_failed_check_in_process_zero_stops_both(runs):
-    with open(os.path.join(runs["root"], "failure_0.json")) as f:
-        zero = json.load(f)
-    with open(os.path.join(runs["root"], "failure_1.json")) as f:
-        one = json.load(f)
-    assert zero["type"] == "WorkdirLockedError" and zero["exit_code"] == 3
-    assert one["type"] == "OtherProcessError" and one["exit_code"] == 3
-    assert one["message"].startswith("process 0 of the run stopped: ")
-    assert "in use by another run" in one["message"]
+    # Process 0 cannot take the lock; process 1 stops with its message and exit code.
+    zero, one = (text.splitlines() for text in runs["cli"])
+    errors = [[line for line in lines if line.startswith("error: ")] for lines in (zero, one)]
+    assert len(errors[0]) == len(errors[1]) == 1, runs["cli"]
+    assert errors[0][0].startswith("error: The workdir ")
+    assert "is in use by another run (pid " in errors[0][0]
+    assert errors[1][0].startswith("error: process 0 of the run stopped: The workdir ")
+    assert "is in use by another run (pid " in errors[1][0]
+    assert not any("Traceback" in text for text in runs["cli"])
     # Nothing was written in the locked workdir.
     assert sorted(os.listdir(runs["locked"])) == [".lock"]
