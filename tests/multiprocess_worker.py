@@ -8,7 +8,9 @@ multi-process program must):
 - ``rows``: this process's rows of a global batch, and the global batch's
   indices as the train step sees them, to ``<out>/rows_<process>.npz``;
 - ``train``: ``train_and_evaluate`` of the tests' tiny config in a workdir,
-  optionally stopped (an exception from a hook) after a given step;
+  optionally stopped by a SIGTERM that process 1 sends itself after a given
+  step (both processes must stop, with exit code 143, at the same step; what
+  each was told goes to ``<out>/stopped_<process>.json``);
 - ``autoattack``: a short AutoAttack of a small trained MLP; process 0
   writes the per-point result to an ``.npz``.
 """
@@ -20,10 +22,6 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-
-
-class _Stop(Exception):
-    """Raised by a hook to stop a run as a kill would (after its last checkpoint)."""
 
 
 def main(coordinator: str, num_processes: int, process_id: int, task_path: str) -> None:
@@ -79,19 +77,35 @@ def _rows(item: dict, process_id: int) -> None:
 
 
 def _train(item: dict) -> None:
+    import signal
+
+    import jax
+
     from jax_memat.experiment import train_and_evaluate
+    from jax_memat.experiment.errors import RunInterrupted
     from tests.test_multiprocess import run_config
 
     stop_after = item.get("stop_after_step")
 
     def stop(step, state, metrics, per_example):
-        if stop_after is not None and step == stop_after:
-            raise _Stop
+        # Only process 1 gets the signal, as when one host of a job is told to stop.
+        if stop_after is not None and step == stop_after and jax.process_index() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     try:
-        train_and_evaluate(run_config(item["epochs"]), item["workdir"], hooks=[stop])
-    except _Stop:
-        pass
+        train_and_evaluate(
+            run_config(item["epochs"]), item["workdir"], hooks=[stop], handle_signals=True
+        )
+    except RunInterrupted as err:
+        if stop_after is None:
+            raise
+        told = {"exit_code": err.exit_code, "message": str(err), "step": stop_after}
+        name = f"stopped_{jax.process_index()}.json"
+        with open(os.path.join(item["out"], name), "w") as f:
+            json.dump(told, f)
+        return
+    if stop_after is not None:
+        raise AssertionError(f"the run in {item['workdir']} did not stop after a SIGTERM")
 
 
 def _autoattack(item: dict) -> None:

@@ -9,8 +9,9 @@ below check, so that the start-up and compilations are paid once:
 - a tiny PGD-AT+TE run goes from one process to two and back: epoch 1 in one
   process (eight devices) here, epoch 2 in the two processes (the checkpoint
   of one process restored by two; the TE table split over the devices of
-  both), epoch 3 and the final report here again (the checkpoint of two
-  processes restored by one). Parameters, TE table, metrics, report and
+  both; a SIGTERM to process 1 alone in epoch 3 stops both at the same step),
+  epoch 3 and the final report here again (the checkpoint of two processes
+  restored by one). Parameters, TE table, metrics, report and
   per-example records equal those of the uninterrupted one-process run;
 - AutoAttack (APGD-T and Square) of a small trained model: the same per
   point;
@@ -181,7 +182,13 @@ def runs(tmp_path_factory):
     os.makedirs(path["locked"])
     steps = [
         {"kind": "rows", "batch_size": 16, "out": str(root)},
-        {"kind": "train", "workdir": path["chain"], "epochs": EPOCHS, "stop_after_step": STOP_TWO},
+        {
+            "kind": "train",
+            "workdir": path["chain"],
+            "epochs": EPOCHS,
+            "stop_after_step": STOP_TWO,
+            "out": str(root),
+        },
         {"kind": "autoattack", "out": str(root / "autoattack.npz")},
     ]
     task = str(root / "task.json")
@@ -300,6 +307,19 @@ def test_run_through_one_two_and_one_process_equals_one_process(runs):
         for k, v in full[name].items():
             if k.endswith("_accuracy"):
                 assert chain[name][k] == v, (name, k)
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(runs):
+    told = []
+    for i in range(2):
+        with open(os.path.join(runs["root"], f"stopped_{i}.json")) as f:
+            told.append(json.load(f))
+    # Process 1 got SIGTERM after step 8 (epoch 3); both stopped there, epoch 2 kept.
+    for t in told:
+        assert t["exit_code"] == 128 + signal.SIGTERM
+        assert t["message"].startswith("Stopped by SIGTERM during epoch 3. The last finished ")
+        assert "epoch (2) is saved" in t["message"]
+    assert [r["epoch"] for r in read_metrics(runs["chain"])] == [1, 2, 3]  # then resumed here
 
 
 def test_autoattack_over_two_processes_equals_one_process(runs):

@@ -281,7 +281,8 @@ def train_and_evaluate(
 
     train, test, record, write_labels = together(read_data)
 
-    guard = StopSignals(handle_signals)
+    # Several processes stop together, at a step all of them reach (StopSignals.check).
+    guard = StopSignals(handle_signals, together=jax.process_count() > 1)
     lock = WorkdirLock(workdir)
     together(lock.acquire, main_only=True)
     try:
@@ -518,6 +519,7 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard, soft_rows) ->
             if main:
                 ctx.bar.write(_summary_line(row))
         ctx.bar.close()
+        ctx.guard.check()
         report = _final_report(
             config, ckpts, state, setup.apply_fn, mesh, setup.keys["eval"], splits
         )
@@ -569,6 +571,7 @@ def _train_epoch(ctx: _Context, state: TrainState, epoch: int) -> tuple[TrainSta
                     ctx.record.add(chunk[j][1])
             fetched.extend(m for m, _ in chunk)
             pending = []
+            ctx.guard.check()  # several processes: a signal to any stops all, here
             ctx.bar.update(len(chunk))
             ctx.bar.set_postfix(
                 epoch=epoch,
