@@ -304,7 +304,7 @@ def train_and_evaluate(
         lock.release()
 
 
-def warn_once(message: str) -> None:
+def _warn_once(message: str) -> None:
     """A warning from process 0 only (the others would repeat it)."""
     if is_main_process():
         warn(message)
@@ -326,7 +326,7 @@ def _check_resources(config, workdir: str, mesh) -> None:
     large = config.te.enabled and min_bytes is not None and table_bytes >= min_bytes
     split = large and num_train % n == 0
     if large and not split:
-        warn_once(
+        _warn_once(
             f"The TE table ({num_train} x {num_classes}) reaches parallel.shard_table_mib but "
             f"its {num_train} rows do not split evenly over the {n} devices: every device holds "
             f"all of it. Use a dataset.num_train_examples that is a multiple of {n} to split it."
