@@ -12,6 +12,11 @@ are checked before the checkpoint is restored or anything compiles. Exit
 codes: 0 done, 2 bad argument, 3 workdir problem (no run, no such checkpoint,
 a damaged checkpoint, output not writable), 4 dataset not found, 5 out of
 memory or disk, 130/143 stopped by SIGINT/SIGTERM; ``--debug`` shows tracebacks.
+
+Several processes: the same command in every process, with
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or
+none where JAX detects the cluster); the points are split over the devices
+of all processes and process 0 writes the result (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def _checkpoint_arg(value: str) -> str | int:
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {argv[1:]} (flags are written --name=value).", 2)
+    from jax_memat.distributed import is_main_process
     from jax_memat.experiment.workdir import write_json
 
     checkpoint = _checkpoint_arg(_CHECKPOINT.value)
@@ -68,6 +74,8 @@ def main(argv):
         seed=_SEED.value,
         save_adversarial=output.removesuffix(".json") + ".npz" if _SAVE_ADV.value else None,
     )
+    if not is_main_process():
+        return  # process 0 writes the result
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     write_json(output, result)
     print(

@@ -10,6 +10,12 @@ left as it is. SIGINT (Ctrl-C) or SIGTERM stops the run keeping the last
 finished epoch. Exit codes: 0 done, 2 bad config or flags, 3 workdir problem,
 4 dataset not found, 5 too little memory or disk, 6 NaN/Inf loss, 130/143
 stopped by SIGINT/SIGTERM, 1 unexpected error; ``--debug`` shows tracebacks.
+
+Several processes (hosts of a TPU slice, nodes of a GPU cluster, or processes
+on one machine): the same command in every process, with
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``, or
+without them where JAX detects the cluster (SLURM ``srun``, Open MPI
+``mpirun``, Cloud TPU); process 0 writes the files. See docs/scaling.md.
 """
 
 from absl import flags
@@ -27,10 +33,20 @@ def main(argv):
         cli.fail(f"unexpected arguments: {argv[1:]} (flags are written --name=value).", 2)
     import jax
 
+    from jax_memat.distributed import is_main_process
     from jax_memat.experiment import train_and_evaluate
 
-    print(f"Devices: {jax.devices()}", flush=True)
+    if jax.process_count() == 1:
+        print(f"Devices: {jax.devices()}", flush=True)
+    else:
+        print(
+            f"Process {jax.process_index()} of {jax.process_count()}: local devices "
+            f"{jax.local_devices()}; {jax.device_count()} devices in all.",
+            flush=True,
+        )
     report = train_and_evaluate(_CONFIG.value, _WORKDIR.value, handle_signals=True)
+    if not is_main_process():
+        return
     for name in ("best", "final"):
         r = report[name]
         line = f"{name:5s} (epoch {r['epoch']}): "

@@ -124,6 +124,16 @@ CASES = [
      ["output folder", "tests/__init__.py is a file, not a folder"]),
     ("eval-unknown-attack", EVAL, ["--attack=fgsm"], _copy_of, 2,
      ["--attack", "fgsm"]),
+    ("processes-partial", TRAIN, [TINY, "--num_processes=2"], _empty, 2,
+     ["num_processes given without coordinator_address, process_id", "give all three"]),
+    ("processes-id", TRAIN,
+     [TINY, "--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=2"],
+     _empty, 2, ["process_id=2; accepted: an integer in [0, 1] (num_processes=2)"]),
+    ("processes-port", EVAL,
+     ["--coordinator_address=localhost", "--num_processes=2", "--process_id=0"], _copy_of, 2,
+     ["coordinator_address='localhost' has no port; accepted: host:port"]),
+    ("processes-analyze", "jax_memat.analyze", ["memorization", "--num_processes=1"], _copy_of,
+     2, ["are not accepted here: this command runs in one process"]),
 ]  # fmt: skip
 
 
@@ -199,6 +209,8 @@ def test_help_exits_zero(module):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--workdir" in proc.stdout and "--debug" in proc.stdout
+    for flag in ("--coordinator_address", "--num_processes", "--process_id"):
+        assert flag in proc.stdout
 
 
 def test_unexpected_error_keeps_its_traceback(tmp_path):

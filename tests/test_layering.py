@@ -2,8 +2,9 @@
 
 data, models -> attacks -> objectives -> training -> evaluation (and
 analysis beside it) -> experiment -> the entry points; ``parallel`` (the mesh
-and shardings) sits below them all. Checked on the source, so an upward
-import fails here before it can make a cycle.
+and shardings), ``distributed`` (the multi-process runtime) and ``fileio``
+sit below them all. Checked on the source, so an upward import fails here
+before it can make a cycle.
 """
 
 import ast
@@ -14,6 +15,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jax_memat")
 LAYERS = {
     "parallel": 0,
+    "distributed": 0,
     "fileio": 0,
     "data": 1,
     "models": 1,

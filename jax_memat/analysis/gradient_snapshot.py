@@ -128,7 +128,8 @@ def gradient_snapshot(
     out_shardings |= {k: rep for k in ("signal_sq", "variance", "mean_grad_norm")}
     fn = jax.jit(
         one_batch,
-        in_shardings=(rep, rep, rep, rep, rep, rep, split, rep),
+        # The objective state stays where it is (a large table may be split over the mesh).
+        in_shardings=(rep, rep, None, rep, rep, rep, split, rep),
         out_shardings=out_shardings,
     )
     images = jax.device_put(jnp.asarray(images), rep)

@@ -20,7 +20,7 @@ from jax_memat.attacks import AttackSpec, make_attack
 from jax_memat.attacks.losses import cross_entropy
 from jax_memat.data import eval_batches
 from jax_memat.objectives import margin
-from jax_memat.parallel import batch_sharded, replicated, shard_batch
+from jax_memat.parallel import batch_sharded, replicated, shard_batch, to_host
 
 EvalFn = Callable[..., dict]
 
@@ -115,11 +115,11 @@ def evaluate(
             variables, images, labels, shard_batch(idx, mesh), jax.random.fold_in(key, i)
         )
         if in_flight is not None:
-            outputs.append(jax.device_get(in_flight))
+            outputs.append(to_host(in_flight))
             if progress is not None:
                 progress(len(outputs))
         in_flight = dispatched
-    outputs.append(jax.device_get(in_flight))
+    outputs.append(to_host(in_flight))
     if progress is not None:
         progress(len(outputs))
     keep = mask.reshape(-1) > 0

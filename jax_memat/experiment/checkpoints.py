@@ -19,6 +19,13 @@ never replaces a complete checkpoint. After the rename, ``save`` adds a
 manifest (``jax_memat_manifest.json``: every file's size and SHA-256) that
 ``verify`` checks before a restore, so a truncated or missing file is found
 and named instead of surfacing as a storage-layer error (or not at all).
+
+Several processes: every process calls ``save`` and ``restore`` (each writes
+and reads the shards of its own devices; orbax coordinates them, and its
+primary process, 0, writes the metadata). Process 0 alone writes the manifest
+and sets damaged checkpoints aside; every process verifies before restoring.
+A restore takes the shardings of the target state, so a checkpoint written by
+N processes is read by M (any mesh over the same global shapes).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jax_memat.distributed import barrier, is_main_process
 from jax_memat.experiment.errors import CorruptFileError
 from jax_memat.experiment.workdir import read_json, warn, write_json
 
@@ -127,9 +135,10 @@ class RunCheckpoints:
             ),
         )
         manager.wait_until_finished()
-        folder = self.step_dir(kind, step)
-        manifest = {rel: [os.path.getsize(p), _sha256(p)] for rel, p in _files(folder).items()}
-        write_json(os.path.join(folder, MANIFEST), {"files": manifest})
+        if is_main_process():  # the other processes go on: restores accept a missing manifest
+            folder = self.step_dir(kind, step)
+            manifest = {rel: [os.path.getsize(p), _sha256(p)] for rel, p in _files(folder).items()}
+            write_json(os.path.join(folder, MANIFEST), {"files": manifest})
 
     def verify(self, kind: str, step: int) -> str | None:
         """Checks a checkpoint's files against its manifest.
@@ -253,11 +262,15 @@ class RunCheckpoints:
         return None
 
     def _set_aside(self, kind: str, step: int, reason: str) -> None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        dest = os.path.join(self.directory, CORRUPT_DIR, f"{kind}-{step}-{stamp}")
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.move(self.step_dir(kind, step), dest)
-        warn(f"{reason} Moved it to {dest} (kept, not deleted).")
+        # Every process finds the same damage (they read the same files); process 0
+        # moves it, and the others wait for the move before they list the steps again.
+        if is_main_process():
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            dest = os.path.join(self.directory, CORRUPT_DIR, f"{kind}-{step}-{stamp}")
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.move(self.step_dir(kind, step), dest)
+            warn(f"{reason} Moved it to {dest} (kept, not deleted).")
+        barrier(f"jax_memat_set_aside_{kind}_{step}")
         self._managers[kind].close()
         self._managers[kind] = self._manager(kind)
 

@@ -11,7 +11,6 @@ unexpected error (a bug) prints its traceback by default, with exit code 1.
 from __future__ import annotations
 
 import ast
-import errno
 import os
 import sys
 import traceback
@@ -22,40 +21,45 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 _DEBUG = flags.DEFINE_bool("debug", False, "On an expected failure, also print the traceback.")
+# JAX's multi-process runtime (jax_memat.distributed, docs/scaling.md): all three, or none
+# to let JAX detect a cluster (SLURM srun, Open MPI mpirun, a Cloud TPU VM).
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Several processes: host:port of process 0's coordination service, the same in every "
+    "process (with --num_processes and --process_id). Leave the three out to run in one "
+    "process, or to let JAX detect SLURM (srun), Open MPI (mpirun) or a Cloud TPU slice.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes",
+    None,
+    "Several processes: how many take part (1 alone: one process, no cluster detection).",
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Several processes: this process's id, 0 .. num_processes - 1."
+)
 _HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--help=true", "--helpfull=true")
 
-EXIT_BAD_INPUT = 2
-EXIT_WORKDIR = 3
-EXIT_DATA = 4
-EXIT_RESOURCES = 5
-EXIT_INTERRUPTED_SIGINT = 130
+from jax_memat.experiment.errors import (  # noqa: E402
+    EXIT_BAD_INPUT,
+    EXIT_DATA,
+    EXIT_INTERRUPTED_SIGINT,
+    EXIT_RESOURCES,
+    EXIT_WORKDIR,
+    exit_code,
+)
 
-_FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_WORKDIR = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
-
-
-def exit_code(err: BaseException) -> int | None:
-    """The documented exit code of an expected failure; None for a bug."""
-    from jax_memat.data import DatasetNotFoundError
-    from jax_memat.experiment.errors import RunError
-
-    if isinstance(err, RunError):
-        return err.exit_code
-    if isinstance(err, DatasetNotFoundError):
-        return EXIT_DATA
-    if isinstance(err, KeyboardInterrupt):
-        return EXIT_INTERRUPTED_SIGINT
-    if isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)[:200]:
-        return EXIT_RESOURCES
-    if isinstance(err, OSError):
-        if err.errno in _FULL_DISK:
-            return EXIT_RESOURCES
-        if err.errno in _WORKDIR or isinstance(err, FileNotFoundError):
-            return EXIT_WORKDIR
-        return None
-    if isinstance(err, ValueError):
-        return EXIT_BAD_INPUT  # the library's argument checks
-    return None
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_DATA",
+    "EXIT_INTERRUPTED_SIGINT",
+    "EXIT_RESOURCES",
+    "EXIT_WORKDIR",
+    "exit_code",
+    "fail",
+    "message",
+    "run",
+]
 
 
 def message(err: BaseException) -> str:
@@ -102,7 +106,11 @@ def _config_flag_message(err: Exception) -> str:
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every parse error a message and exit code 2."""
     if any(a in _HELP for a in argv[1:]):
-        app.usage(shorthelp="--helpfull" not in argv, writeto_stdout=True, exitcode=0)
+        full = any(a.startswith("--helpfull") for a in argv[1:])
+        app.usage(shorthelp=not full, writeto_stdout=True, exitcode=None if not full else 0)
+        # The flags every entry point shares (--debug, the multi-process ones).
+        print(flags.FLAGS.module_help(__name__), flush=True)
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
@@ -118,13 +126,60 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise AssertionError("unreachable")
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """``app.run(main)`` with messages instead of tracebacks for expected failures."""
+def start_processes(*, multiprocess: bool = True) -> None:
+    """Starts JAX's multi-process runtime from the flags (or a detected cluster).
+
+    Bad values end the program with exit code 2 and a message, before
+    anything starts; so does a runtime that does not come up (a wrong
+    address, a process missing past the timeout). With ``multiprocess=False``
+    (an entry point that runs in one process only) any of the flags is refused.
+    """
+    from jax_memat import distributed
+
+    values = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if not multiprocess:
+        if any(v is not None for v in values):
+            fail(
+                "--coordinator_address, --num_processes and --process_id are not accepted here: "
+                "this command runs in one process.",
+                EXIT_BAD_INPUT,
+            )
+        return
+    try:
+        distributed.check_arguments(*values)
+    except ValueError as err:
+        fail(
+            f"{err} (flags --coordinator_address, --num_processes, --process_id).",
+            EXIT_BAD_INPUT,
+        )
+    try:
+        distributed.initialize(*values)
+    except Exception as err:  # JAX raises runtime errors of several types here
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        fail(
+            f"the multi-process runtime did not start ({type(err).__name__}: {text[:300]}). "
+            "Check that every process got the same --coordinator_address (reachable from all "
+            "of them, a free port on process 0) and --num_processes, distinct --process_id "
+            "values, and that all were launched; nothing was written.",
+            EXIT_BAD_INPUT,
+        )
+
+
+def run(main: Callable[[list[str]], None], *, multiprocess: bool = True) -> None:
+    """``app.run(main)`` with messages instead of tracebacks for expected failures.
+
+    Args:
+      main: the entry point's ``main(argv)``.
+      multiprocess: whether the entry point runs over several processes (the
+        ``--coordinator_address``, ``--num_processes`` and ``--process_id``
+        flags, or a detected cluster); False refuses those flags.
+    """
 
     def wrapped(argv: list[str]) -> None:
         if not flags.FLAGS["verbosity"].present:
             # Orbax and absl are chatty at INFO; progress goes to the bars instead.
             logging.set_verbosity(logging.WARNING)
+        start_processes(multiprocess=multiprocess)
         try:
             main(argv)
         except (Exception, KeyboardInterrupt) as err:

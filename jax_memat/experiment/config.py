@@ -43,8 +43,16 @@ if TYPE_CHECKING:
 # Attacks a training objective can craft its examples with (evaluation has more).
 TRAINING_ATTACKS = ("pgd", "fgsm")
 # Fields that may change between a run and its resumption (they do not affect
-# the numbers): logging cadence and display.
-RESUMABLE_FIELDS = ("epochs", "log_every_steps", "progress_bar", "tensorboard")
+# the numbers): logging cadence and display, and where large tables live.
+RESUMABLE_FIELDS = (
+    "epochs",
+    "log_every_steps",
+    "progress_bar",
+    "tensorboard",
+    "parallel.shard_table_mib",
+)
+# Tables from this size (MiB) are split over the devices by default (docs/scaling.md).
+DEFAULT_SHARD_TABLE_MIB = 64.0
 
 
 # Seeds feed numpy's and JAX's generators; both take unsigned 32-bit values.
@@ -165,6 +173,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.final_eval = ml_collections.ConfigDict()  # the final report, best and final checkpoints
     c.final_eval.pgd_steps = 20
     c.final_eval.cw = True  # PGD on the CW margin loss, same steps
+
+    c.parallel = ml_collections.ConfigDict()  # how arrays are laid out on the devices
+    # Per-example tables (the TE soft labels, N x K float32) of at least this many MiB
+    # are split over all devices along the examples instead of held whole by every
+    # device; -1 = never. Layout only: the numbers are the same (docs/scaling.md).
+    c.parallel.shard_table_mib = DEFAULT_SHARD_TABLE_MIB
 
     c.log_every_steps = 50
     c.progress_bar = True
@@ -367,6 +381,15 @@ def validate_config(config: ml_collections.ConfigDict, *, check_files: bool = Tr
         positive_int(e.num_test_examples, "eval.num_test_examples", allow_minus_one=True)
         positive_int(c.final_eval.pgd_steps, "final_eval.pgd_steps", allow_zero=True)
         positive_int(c.log_every_steps, "log_every_steps")
+        # Absent from configs saved before the option existed: the default.
+        shard_mib = c.get("parallel", {}).get("shard_table_mib", DEFAULT_SHARD_TABLE_MIB)
+        check(
+            isinstance(shard_mib, int | float)
+            and not isinstance(shard_mib, bool)
+            and (shard_mib == -1 or 0 <= shard_mib < math.inf),
+            f"parallel.shard_table_mib={shard_mib!r} is invalid; accepted: a number >= 0 (MiB) "
+            "or -1 (never split).",
+        )
         record = c.get("record", {}).get("train_per_example", False)
         check(
             isinstance(record, bool),
@@ -503,6 +526,12 @@ def evaluation_attacks(
     if steps <= 0:
         return {}
     return {name: AttackSpec(name, eps, step_size, steps, norm, True) for name in names}
+
+
+def shard_min_bytes(config: ml_collections.ConfigDict) -> int | None:
+    """The size from which a validated config splits per-example tables (None: never)."""
+    mib = config.get("parallel", {}).get("shard_table_mib", DEFAULT_SHARD_TABLE_MIB)
+    return None if mib < 0 else int(mib * 2**20)
 
 
 def expected_split_sizes(config: ml_collections.ConfigDict) -> tuple[int, int]:

@@ -21,7 +21,17 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import signal
+
+EXIT_BAD_INPUT = 2
+EXIT_WORKDIR = 3
+EXIT_DATA = 4
+EXIT_RESOURCES = 5
+EXIT_INTERRUPTED_SIGINT = 130
+
+_FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_WORKDIR = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 
 
 class RunError(Exception):
@@ -85,3 +95,39 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+class OtherProcessError(RunError):
+    """Another process of a multi-process run failed a check; this one stops with it.
+
+    Attributes:
+      exit_code: the failed process's exit code.
+    """
+
+    def __init__(self, process: int, exit_code: int, message: str):
+        self.process = int(process)
+        self.exit_code = int(exit_code)
+        super().__init__(f"process {process} of the run stopped: {message}")
+
+
+def exit_code(err: BaseException) -> int | None:
+    """The documented exit code of an expected failure; None for a bug."""
+    from jax_memat.data import DatasetNotFoundError
+
+    if isinstance(err, RunError):
+        return err.exit_code
+    if isinstance(err, DatasetNotFoundError):
+        return EXIT_DATA
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED_SIGINT
+    if isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)[:200]:
+        return EXIT_RESOURCES
+    if isinstance(err, OSError):
+        if err.errno in _FULL_DISK:
+            return EXIT_RESOURCES
+        if err.errno in _WORKDIR or isinstance(err, FileNotFoundError):
+            return EXIT_WORKDIR
+        return None
+    if isinstance(err, ValueError):
+        return EXIT_BAD_INPUT  # the library's argument checks
+    return None

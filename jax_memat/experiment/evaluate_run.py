@@ -117,6 +117,9 @@ def run_evaluation(
 ) -> dict:
     """Evaluates one checkpoint of a run; returns a JSON-compatible result dict.
 
+    Several processes: each calls it with the same arguments and gets the
+    whole result; process 0 alone writes ``save_adversarial``.
+
     Example:
       >>> result = run_evaluation("workdirs/quickstart", attack="autoattack", num_examples=1000)
       >>> result["robust_accuracy"]
@@ -125,6 +128,7 @@ def run_evaluation(
     import numpy as np
     from tqdm.auto import tqdm
 
+    from jax_memat.distributed import is_main_process
     from jax_memat.evaluation import evaluate, make_eval_fn
     from jax_memat.experiment.config import evaluation_attacks
     from jax_memat.experiment.setup import load_run
@@ -166,6 +170,7 @@ def run_evaluation(
         "eps": eps,
     }
     start = time.perf_counter()
+    quiet = not is_main_process()  # several processes: one set of progress bars
     if attack == "autoattack":
         from jax_memat.attacks.autoattack import autoattack
 
@@ -175,7 +180,9 @@ def run_evaluation(
             if name not in bars:
                 for earlier in bars.values():
                     earlier.close()
-                bars[name] = tqdm(total=total, desc=f"AutoAttack {name}", unit="chunk")
+                bars[name] = tqdm(
+                    total=total, desc=f"AutoAttack {name}", unit="chunk", disable=quiet
+                )
             bar = bars[name]
             bar.total = total  # an estimate that falls as points are broken
             bar.update(done - bar.n)
@@ -211,7 +218,7 @@ def run_evaluation(
         eval_fn = make_eval_fn(run.setup.apply_fn, specs, run.mesh)
         images, labels = replicate((data.images, data.labels), run.mesh)
         num_batches = -(-n // batch_size)
-        bar = tqdm(total=num_batches, desc=f"{attack.upper()}-{steps}", unit="batch")
+        bar = tqdm(total=num_batches, desc=f"{attack.upper()}-{steps}", unit="batch", disable=quiet)
         per_example, summary = evaluate(
             eval_fn,
             run.state.variables,
@@ -232,7 +239,7 @@ def run_evaluation(
         )
         robust, x_adv = per_example[f"{attack}_correct"], None
     result["seconds"] = time.perf_counter() - start
-    if save_adversarial:
+    if save_adversarial and is_main_process():
         arrays = {"robust": np.asarray(robust), "index": np.arange(n)}
         if x_adv is not None:
             arrays["x_adv"] = np.asarray(x_adv)

@@ -25,6 +25,16 @@ Order of work, chosen so that bad input never costs a compile or a file:
 Resume order: the latest checkpoint gives the epoch; the data order depends
 only on ``(seed, epoch)`` and every random key on the step, so the resumed run
 is the uninterrupted one, bit for bit.
+
+Several processes (``jax_memat.distributed``): every process runs this same
+loop on its own devices and reads the workdir (which all of them must see: a
+shared or network file system, as orbax's checkpoints need); process 0 alone
+takes the lock and writes files (config, labels, metrics, per-example records,
+plots, the report, the progress bars), and every check's verdict is shared
+(``together``), so that a failure in one process stops all of them with its
+message. Checkpoints are written and restored by all processes (each its own
+shards), into the shardings of the current mesh, so a run saved by N
+processes resumes in M.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from jax_memat.analysis.grad_stats import summarize_epoch
 from jax_memat.analysis.plots_gradients import GRAD_PLOT_FILE, plot_gradient_stats
 from jax_memat.attacks import AttackSpec
 from jax_memat.data import dataset_spec, make_batch_fn, train_batch_indices
+from jax_memat.distributed import is_main_process
 from jax_memat.evaluation.core import evaluate, make_eval_fn
 from jax_memat.experiment.checkpoints import RunCheckpoints
 from jax_memat.experiment.config import (
@@ -51,6 +62,7 @@ from jax_memat.experiment.config import (
     config_to_dict,
     evaluation_attacks,
     expected_split_sizes,
+    shard_min_bytes,
     validate_config,
 )
 from jax_memat.experiment.errors import (
@@ -64,6 +76,7 @@ from jax_memat.experiment.errors import (
     signal_name,
 )
 from jax_memat.experiment.metrics import MetricsWriter, plot_learning_curves, read_metrics
+from jax_memat.experiment.processes import together
 from jax_memat.experiment.resources import check_disk, check_memory, estimate_memory
 from jax_memat.experiment.setup import build_run, load_data, model_from_config
 from jax_memat.experiment.signals import StopSignals
@@ -81,7 +94,7 @@ from jax_memat.experiment.workdir import (
     warn,
     write_json,
 )
-from jax_memat.parallel import make_mesh, replicate, shard_batch
+from jax_memat.parallel import make_mesh, replicate, shard_batch, to_host
 from jax_memat.training.state import TrainState
 from jax_memat.training.train_step import make_train_step
 
@@ -204,7 +217,8 @@ def _num(n: int, total: int) -> int:
 
 
 def _print(message: str) -> None:
-    print(message, flush=True)
+    if is_main_process():  # one copy of each message in a multi-process run
+        print(message, flush=True)
 
 
 def train_and_evaluate(
@@ -246,15 +260,58 @@ def train_and_evaluate(
     validate_config(config)
     mesh = make_mesh(devices)
     check_device_batch_sizes(config, mesh.devices.size)
-    plan = plan_workdir(config, workdir)
+    # Several processes: every check runs in each (reading the shared workdir), and a
+    # failure in any of them stops all (together); only process 0 locks and writes.
+    plan = together(lambda: plan_workdir(config, workdir))
     if plan.finished:
         _print(
             f"The run in {workdir} has finished all {config.epochs} epochs; nothing to do (its "
             f"{REPORT_FILE} is unchanged). To train longer, raise --config.epochs."
         )
         return plan.survey.report
+    together(lambda: _check_resources(config, workdir, mesh))
 
-    # The memory a run needs, from shapes alone: refused before reading data.
+    def read_data():
+        train, test, record = load_data(config)
+        for dataset in (train, test):
+            if dataset.source:
+                _print(f"Data: {dataset.source}")
+        write_labels = _check_saved_labels(workdir, record) if plan.resuming else True
+        return train, test, record, write_labels
+
+    train, test, record, write_labels = together(read_data)
+
+    # Several processes stop together, at a step all of them reach (StopSignals.check).
+    guard = StopSignals(handle_signals, together=jax.process_count() > 1)
+    lock = WorkdirLock(workdir)
+    together(lock.acquire, main_only=True)
+    try:
+        with guard:
+
+            def write_start():
+                # Everything is checked: from here on the workdir is written.
+                with guard.critical():
+                    if not plan.resuming or plan.config_changed:
+                        write_json(os.path.join(workdir, CONFIG_FILE), config_to_dict(config))
+                    if write_labels:
+                        save_npz(os.path.join(workdir, LABELS_FILE), **record)
+
+            together(write_start, main_only=True)
+            return _train(
+                config, workdir, train, test, mesh, plan, hooks, guard, record.get("soft_index")
+            )
+    finally:
+        lock.release()
+
+
+def _warn_once(message: str) -> None:
+    """A warning from process 0 only (the others would repeat it)."""
+    if is_main_process():
+        warn(message)
+
+
+def _check_resources(config, workdir: str, mesh) -> None:
+    """The memory a run needs, from shapes alone (refused before reading data), and the disk."""
     image_shape, num_classes = dataset_spec(config.dataset.name)
     num_train, num_test = expected_split_sizes(config)
     if config.batch_size > num_train:
@@ -263,36 +320,32 @@ def train_and_evaluate(
             "training examples; accepted: at most the number of training examples."
         )
     module = model_from_config(config, num_classes)
+    n = mesh.devices.size
+    min_bytes = shard_min_bytes(config)
+    table_bytes = 4 * num_train * num_classes
+    large = config.te.enabled and min_bytes is not None and table_bytes >= min_bytes
+    split = large and num_train % n == 0
+    if large and not split:
+        _warn_once(
+            f"The TE table ({num_train} x {num_classes}) reaches parallel.shard_table_mib but "
+            f"its {num_train} rows do not split evenly over the {n} devices: every device holds "
+            f"all of it. Use a dataset.num_train_examples that is a multiple of {n} to split it."
+        )
     estimate = estimate_memory(
         module,
         image_shape=image_shape,
         num_classes=num_classes,
         num_train=num_train,
         num_test=num_test,
-        batch_per_device=config.batch_size // mesh.devices.size,
+        batch_per_device=config.batch_size // n,
         te_table=config.te.enabled,
         dtype=config.model.dtype,
+        table_shards=n if split else 1,
     )
-    check_memory(estimate, list(mesh.devices.flat))
+    # Each process checks the devices it drives (their memory is its host's, or its own).
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    check_memory(estimate, local)
     check_disk(estimate, workdir)
-
-    train, test, record = load_data(config)
-    for dataset in (train, test):
-        if dataset.source:
-            _print(f"Data: {dataset.source}")
-    write_labels = _check_saved_labels(workdir, record) if plan.resuming else True
-
-    guard = StopSignals(handle_signals)
-    with WorkdirLock(workdir), guard:
-        # Everything is checked: from here on the workdir is written.
-        with guard.critical():
-            if not plan.resuming or plan.config_changed:
-                write_json(os.path.join(workdir, CONFIG_FILE), config_to_dict(config))
-            if write_labels:
-                save_npz(os.path.join(workdir, LABELS_FILE), **record)
-        return _train(
-            config, workdir, train, test, mesh, plan, hooks, guard, record.get("soft_index")
-        )
 
 
 @dataclasses.dataclass
@@ -341,6 +394,16 @@ class TrainRecord:
             array[index] = np.asarray(outputs[key]).astype(array.dtype)
 
 
+class _NoWriter:
+    """The metrics writer of processes other than 0: writes nothing."""
+
+    def write(self, row: dict) -> None:
+        del row
+
+    def close(self) -> None:
+        pass
+
+
 @dataclasses.dataclass
 class _Context:
     """What every epoch of a run uses."""
@@ -385,7 +448,8 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard, soft_rows) ->
                 f"{start_epoch} epochs; raise --config.epochs (or use another --workdir)."
             )
         best.record = meta.get("best") or _best_record(ckpts)
-        _print(f"Resumed {workdir} at epoch {start_epoch} (step {int(state.step)}).")
+        step = int(jax.device_get(state.step))
+        _print(f"Resumed {workdir} at epoch {start_epoch} (step {step}).")
     if ckpts.latest_step("init") is None:
         with guard.critical():
             _save(ckpts, "init", state, {"epoch": 0})
@@ -400,6 +464,7 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard, soft_rows) ->
     }
     from tqdm.auto import tqdm
 
+    main = is_main_process()
     ctx = _Context(
         config=config,
         workdir=workdir,
@@ -412,6 +477,7 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard, soft_rows) ->
             steps_per_epoch=spe,
             per_example=record_train or bool(hooks),
             probe=setup.grad_stats,
+            state_sharding=jax.tree.map(lambda x: x.sharding, state),
         ),
         batch_fn=make_batch_fn(
             mesh,
@@ -426,7 +492,10 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard, soft_rows) ->
         train_data=train_data,
         splits=splits,
         ckpts=ckpts,
-        writer=MetricsWriter(workdir, resume_epoch=start_epoch, tensorboard=config.tensorboard),
+        # Process 0 writes the files; the others' writer writes nothing.
+        writer=MetricsWriter(workdir, resume_epoch=start_epoch, tensorboard=config.tensorboard)
+        if main
+        else _NoWriter(),
         guard=guard,
         hooks=hooks,
         record=TrainRecord(train.num_examples) if record_train else None,
@@ -435,7 +504,7 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard, soft_rows) ->
             initial=start_epoch * spe,
             unit="step",
             desc=f"{config.objective.name} {config.model.name} {config.dataset.name}",
-            disable=not config.progress_bar,
+            disable=not config.progress_bar or not main,
             dynamic_ncols=True,
         ),
     )
@@ -447,14 +516,17 @@ def _train(config, workdir, train, test, mesh, plan, hooks, guard, soft_rows) ->
             if epoch % config.eval.every_epochs == 0 or epoch == config.epochs:
                 per_split = _evaluate_epoch(ctx, state, epoch, row)
             _write_epoch(ctx, state, epoch, row, per_split, best)
-            ctx.bar.write(_summary_line(row))
+            if main:
+                ctx.bar.write(_summary_line(row))
         ctx.bar.close()
+        ctx.guard.check()
         report = _final_report(
             config, ckpts, state, setup.apply_fn, mesh, setup.keys["eval"], splits
         )
-        with guard.critical():
-            write_json(os.path.join(workdir, REPORT_FILE), report)
-            _plot(config, workdir)
+        if main:
+            with guard.critical():
+                write_json(os.path.join(workdir, REPORT_FILE), report)
+                _plot(config, workdir)
     except RunInterrupted as err:
         raise _interrupted(err, ctx.saved_epoch, config.epochs, workdir) from None
     finally:
@@ -484,8 +556,9 @@ def _train_epoch(ctx: _Context, state: TrainState, epoch: int) -> tuple[TrainSta
         for hook in ctx.hooks:
             hook((epoch - 1) * spe + s + 1, state, metrics, per_example)
         if len(pending) == config.log_every_steps or s == spe - 1:
-            # Outputs stay on the devices until here: one transfer per interval.
-            chunk = jax.device_get(pending)
+            # Outputs stay on the devices until here: one transfer per interval (the
+            # per-example outputs, split over the processes' devices, gathered whole).
+            chunk = to_host(pending)
             first_step = (epoch - 1) * spe + s + 2 - len(pending)
             for j, (m, _) in enumerate(chunk):
                 if not m["finite"]:
@@ -498,6 +571,7 @@ def _train_epoch(ctx: _Context, state: TrainState, epoch: int) -> tuple[TrainSta
                     ctx.record.add(chunk[j][1])
             fetched.extend(m for m, _ in chunk)
             pending = []
+            ctx.guard.check()  # several processes: a signal to any stops all, here
             ctx.bar.update(len(chunk))
             ctx.bar.set_postfix(
                 epoch=epoch,
@@ -540,12 +614,13 @@ def _evaluate_epoch(ctx: _Context, state: TrainState, epoch: int, row: dict) -> 
 def _write_epoch(ctx, state, epoch, row, per_split, best: BestTracker) -> None:
     """The epoch's files and checkpoints, held from signals so each is written whole."""
     folder = os.path.join(ctx.workdir, PER_EXAMPLE_DIR)
+    main = is_main_process()
     with ctx.guard.critical():
-        if ctx.config.eval.save_per_example and per_split:
+        if main and ctx.config.eval.save_per_example and per_split:
             os.makedirs(folder, exist_ok=True)
             for split, (per_example, _) in per_split.items():
                 save_npz(os.path.join(folder, f"{split}_epoch{epoch:04d}.npz"), **per_example)
-        if ctx.record is not None:
+        if main and ctx.record is not None:
             os.makedirs(folder, exist_ok=True)
             save_npz(
                 os.path.join(folder, f"train_steps_epoch{epoch:04d}.npz"),
@@ -671,7 +746,7 @@ def _final_report(config, ckpts, state, apply_fn, mesh, eval_key, splits) -> dic
         total=batches * len(checkpoints),
         unit="batch",
         desc=f"Final report: {attacks} on {which}",
-        disable=not config.progress_bar,
+        disable=not config.progress_bar or not is_main_process(),
         dynamic_ncols=True,
     )
     try:

@@ -41,7 +41,8 @@ class MemoryEstimate:
       data: the train and test sets (uint8 images, int32 labels).
       state: parameters, optimizer state, batch statistics, a gradient and an
         updated copy of the parameters.
-      table: per-example transform state (the TE soft-label table).
+      table: per-example transform state (the TE soft-label table), this
+        device's part of it when it is split over the devices.
       activations: one training batch's layer outputs and their gradients.
       num_parameters: the model's parameter count.
     """
@@ -56,10 +57,12 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.data + self.state + self.table + self.activations
 
+    table_shards: int = 1
+
     @property
     def checkpoint_bytes(self) -> int:
         """Size of one checkpoint (state without the gradient and the copy, plus the table)."""
-        return self.state // 2 + self.table
+        return self.state // 2 + self.table * self.table_shards
 
     def describe(self) -> str:
         return (
@@ -79,6 +82,7 @@ def estimate_memory(
     batch_per_device: int,
     te_table: bool,
     dtype: str = "float32",
+    table_shards: int = 1,
 ) -> MemoryEstimate:
     """A lower bound of the memory one device needs for a run (see the module docstring).
 
@@ -90,6 +94,8 @@ def estimate_memory(
       batch_per_device: training examples per device and step.
       te_table: whether an N x K float32 table is carried.
       dtype: the compute dtype (activations' element size).
+      table_shards: over how many devices the table is split (1: every
+        device holds all of it; ``parallel.shard_table_mib``).
 
     Example:
       >>> est = estimate_memory(get_model("small_cnn", 10), image_shape=(28, 28, 1),
@@ -120,8 +126,10 @@ def estimate_memory(
     elements = sum(math.prod(v.shape) for v in jax.tree.leaves(captured.get("intermediates", {})))
     element_bytes = np.dtype(jnp.bfloat16 if dtype == "bfloat16" else jnp.float32).itemsize
     activations = 2 * elements * element_bytes
-    table = 4 * num_train * num_classes if te_table else 0
-    return MemoryEstimate(int(data), int(state), int(table), int(activations), num_params)
+    table = -(-4 * num_train * num_classes // table_shards) if te_table else 0
+    return MemoryEstimate(
+        int(data), int(state), int(table), int(activations), num_params, table_shards
+    )
 
 
 def available_memory(devices) -> tuple[int, str]:

@@ -25,6 +25,7 @@ from jax_memat.data import Dataset, apply_corruptions, load_dataset, steps_per_e
 from jax_memat.experiment.checkpoints import RunCheckpoints
 from jax_memat.experiment.config import (
     excluded_examples,
+    shard_min_bytes,
     soft_label_examples,
     training_attack,
     validate_config,
@@ -274,6 +275,7 @@ def build_run(
         tx,
         mesh,
         objective_state=objective.init(train.num_examples, train.num_classes),
+        shard_min_bytes=shard_min_bytes(config),
     )
     return RunSetup(
         module=module,

@@ -10,6 +10,12 @@ half-way through writing one. A second signal while one is held is held too
 Installed by the command-line entry points; the library functions run
 without it (a notebook keeps its own Ctrl-C handling), and outside the main
 thread it does nothing.
+
+Several processes (``together=True``): a process that stops alone would leave
+the others waiting in the next collective. There a signal is only recorded,
+and the processes compare what they recorded at points every one of them
+reaches after the same step (``check``, called by the loop at each logging
+interval): if any process got a signal, all stop there, with its number.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
+from jax_memat.distributed import all_gather_bytes
 from jax_memat.experiment.errors import RunInterrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -36,15 +43,18 @@ class StopSignals:
       ...             save_checkpoint()
     """
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, *, together: bool = False):
+        # enabled: install the handlers (else the guard does nothing); together:
+        # several processes, so record signals and stop at ``check``.
         self.enabled = enabled
+        self.together = together
         self._depth = 0
         self._pending: int | None = None
         self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
         del frame
-        if self._depth > 0:
+        if self._depth > 0 or self.together:
             if self._pending is None:
                 self._pending = signum
             return
@@ -69,6 +79,23 @@ class StopSignals:
             yield
         finally:
             self._depth -= 1
-        if self._depth == 0 and self._pending is not None:
+        if self._depth == 0 and self._pending is not None and not self.together:
             signum, self._pending = self._pending, None
             raise RunInterrupted(signum)
+
+    def check(self) -> None:
+        """With ``together``: every process stops here if any of them got a signal.
+
+        A collective (every process calls it at the same points); a no-op in
+        one process, where a signal stops the run as soon as it is safe.
+
+        Raises:
+          RunInterrupted: some process recorded a signal (the lowest process's).
+        """
+        if not (self.enabled and self.together):
+            return
+        mine = b"" if self._pending is None else str(self._pending).encode()
+        received = [int(v) for v in all_gather_bytes(mine) if v]
+        if received:
+            self._pending = None
+            raise RunInterrupted(received[0])

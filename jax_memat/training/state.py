@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from jax_memat.models import init_model
-from jax_memat.parallel import replicate
+from jax_memat.parallel import place, replicate, replicated, state_shardings
 
 
 @flax.struct.dataclass
@@ -50,6 +50,7 @@ def create_train_state(
     tx: optax.GradientTransformation,
     mesh: Mesh | None = None,
     objective_state: Any = None,
+    shard_min_bytes: int | None = None,
 ) -> TrainState:
     """Initializes a model and optimizer state, replicated over ``mesh``.
 
@@ -62,6 +63,10 @@ def create_train_state(
         default device.
       objective_state: the objective's initial state,
         ``objective.init(num_examples, num_classes)`` (``{}`` when None).
+      shard_min_bytes: the objective state's arrays of at least this many
+        bytes (the temporal-ensembling table) are split over ``mesh`` along
+        their first axis instead of replicated (``jax_memat.parallel.state_shardings``);
+        None (the default) replicates everything.
 
     Example:
       >>> state = create_train_state(get_model("small_cnn", 10), jax.random.key(0),
@@ -81,4 +86,12 @@ def create_train_state(
         rng=jax.random.key_data(run_key),
         objective_state={} if objective_state is None else objective_state,
     )
-    return state if mesh is None else replicate(state, mesh)
+    if mesh is None:
+        return state
+    if shard_min_bytes is None:
+        return replicate(state, mesh)
+    shardings = jax.tree.map(lambda _: replicated(mesh), state)
+    shardings = shardings.replace(
+        objective_state=state_shardings(state.objective_state, mesh, shard_min_bytes)
+    )
+    return place(state, shardings)

@@ -160,6 +160,7 @@ def make_train_step(
     steps_per_epoch: int | None = None,
     per_example: bool = False,
     probe: Probe | None = None,
+    state_sharding: Any = None,
 ) -> StepFn:
     """Jits ``train_step`` over ``mesh``: state replicated (and donated), batch split.
 
@@ -172,6 +173,10 @@ def make_train_step(
       probe: extra metrics from each step (see ``train_step``); e.g.
         ``GradStats(every_steps=50)`` from ``jax_memat.analysis``, whose
         optimizer ``grad_stats.optimizer(tx)`` the state must be built with.
+      state_sharding: where the state's leaves live, a pytree of shardings
+        matching the state (e.g. ``jax.tree.map(lambda x: x.sharding, state)``
+        for a state whose temporal-ensembling table is split over the mesh,
+        ``create_train_state(..., shard_min_bytes=...)``); default all replicated.
 
     Returns:
       ``step(state, batch[, sample])``. ``sample`` (positional; a Python bool or
@@ -205,10 +210,11 @@ def make_train_step(
         )
 
     rep, split = replicated(mesh), batch_sharded(mesh)
-    out = (rep, rep, split) if per_example else (rep, rep)
+    state_out = rep if state_sharding is None else state_sharding
+    out = (state_out, rep, split) if per_example else (state_out, rep)
     return jax.jit(
         step,
-        in_shardings=(rep, split),
+        in_shardings=(state_out, split),
         out_shardings=out,
         donate_argnums=(0,),
         static_argnums=(2,),

@@ -30,7 +30,12 @@ How it runs:
   (0 for untargeted attacks) and chunk ``j`` use
   ``fold_in(fold_in(fold_in(key, a), r), j)``. FAB-T uses none.
 
-Single-process only (all local devices of one host).
+Several processes (``jax_memat.distributed``): every process calls
+``autoattack`` with the same arguments; the chunks are split over the devices
+of all processes (each feeds its devices' rows), results are gathered back
+to every process, and the bookkeeping on the host is the same everywhere, so
+every process returns the whole result, equal point by point to one process
+over the same number of devices.
 """
 
 from __future__ import annotations
@@ -50,7 +55,14 @@ from jax_memat.attacks.autoattack import _common as c
 from jax_memat.attacks.autoattack.autopgd import _apgd
 from jax_memat.attacks.autoattack.fab import _fab
 from jax_memat.attacks.autoattack.square import _check_square_args, _square
-from jax_memat.parallel import batch_sharded, make_mesh, replicated
+from jax_memat.parallel import (
+    batch_sharded,
+    make_mesh,
+    replicate,
+    replicated,
+    shard_batch,
+    to_host,
+)
 
 ApplyFn = Callable[[Any, jax.Array, bool], tuple[jax.Array, Any]]
 
@@ -267,7 +279,7 @@ def autoattack(
       norm: ``"linf"`` or ``"l2"``.
       key: PRNG key; runs with the same key and ``chunk_size`` agree.
       mesh: a one-axis device mesh, e.g. ``jax_memat.parallel.make_mesh()``
-        (default: all local devices).
+        (default: all devices, of every process).
       chunk_size: points per compiled call, a multiple of the device count
         (default ``128 *`` device count).
       version: ``"standard"`` (the fixed settings above) or ``"custom"``
@@ -309,10 +321,8 @@ def autoattack(
       >>> result.clean_accuracy, result.robust_accuracy <= result.accuracy["apgd-ce"]
       (1.0, True)
     """
-    if jax.process_count() > 1:
-        raise NotImplementedError("autoattack runs on the devices of a single process")
-    images = np.asarray(jax.device_get(images))
-    labels = np.asarray(jax.device_get(labels))
+    images = np.asarray(to_host(images))
+    labels = np.asarray(to_host(labels))
     mesh = make_mesh() if mesh is None else mesh
     norm, eps, attacks, chunk_size = _validate(
         images,
@@ -342,10 +352,12 @@ def autoattack(
     if labels.min() < 0 or labels.max() >= k:
         raise ValueError(f"labels must be in [0, {k}), got range [{labels.min()}, {labels.max()}]")
 
-    variables = jax.device_put(variables, replicated(mesh))
+    variables = replicate(variables, mesh)
     predict = _predict_fn(apply_fn, mesh)
-    split = batch_sharded(mesh)
     n = images.shape[0]
+
+    def put(x):  # a chunk split over the mesh (each process feeds its devices' rows)
+        return shard_batch(x, mesh)
 
     def chunks(indices):
         for j, start in enumerate(range(0, len(indices), chunk_size)):
@@ -357,9 +369,9 @@ def autoattack(
     start = time.perf_counter()
     preds = []
     for _, idx, take in chunks(np.arange(n)):
-        preds.append((idx, predict(variables, jax.device_put(images[take], split))))
+        preds.append((idx, predict(variables, put(images[take]))))
     robust = np.zeros(n, bool)
-    for idx, p in jax.device_get(preds):
+    for idx, p in to_host(preds):
         robust[idx] = p[: len(idx)] == labels[idx]
     seconds["clean"] = time.perf_counter() - start
     accuracy = {"clean": float(robust.mean())}
@@ -396,9 +408,9 @@ def autoattack(
                 mask = np.arange(chunk_size) < len(idx)
                 out, fooled = fn(
                     variables,
-                    jax.device_put(images[take], split),
-                    jax.device_put(labels[take], split),
-                    jax.device_put(mask, split),
+                    put(images[take]),
+                    put(labels[take]),
+                    put(mask),
                     jax.random.fold_in(stage_key, j),
                     jnp.int32(rank),
                 )
@@ -406,7 +418,7 @@ def autoattack(
             # Fetched one chunk at a time, in dispatch order: the later chunks
             # keep the devices busy meanwhile, and progress reports finished work.
             for i, chunk_out in enumerate(pending):
-                idx, out, fooled, pred = jax.device_get(chunk_out)
+                idx, out, fooled, pred = to_host(chunk_out)
                 m = len(idx)
                 out, fooled, pred = out[:m], fooled[:m], pred[:m]
                 broken = pred != labels[idx]
