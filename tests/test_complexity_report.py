@@ -165,6 +165,7 @@ def test_family_report_leaves_unconverged_runs_out_of_the_ranking():
                 "inverse_margin_sq": m,
                 "pac_bayes_bound_init": 1.0,
                 "pac_bayes_saturated": float(r == 0.4),
+                "pac_bayes_converged": float(r != 0.2),
             },
         }
         for r, g, d, m in zip(
@@ -186,7 +187,12 @@ def test_family_report_leaves_unconverged_runs_out_of_the_ranking():
     assert math.isnan(c["pac_bayes_bound_init"]["tau_b"])
     assert "constant" in c["pac_bayes_bound_init"]["problem"]
     assert c["pac_bayes_bound_init"]["saturated_runs"] == ["r0.4"]
-    assert "left out of the ranking: r1.0" in report_markdown(rep)
+    md = report_markdown(rep)
+    assert "left out of the ranking: r1.0" in md
+    # The search that ran out of steps is flagged on its run's row, and only there.
+    assert [line for line in md.splitlines() if "pac_bayes_converged" in line] == [
+        next(line for line in md.splitlines() if line.startswith("| r0.2 |"))
+    ]
     # One objective: its tau equals the family's.
     assert c["dist_fro"]["by_objective"] == {"pgd_at": c["dist_fro"]["tau_b"]}
 

@@ -390,16 +390,19 @@ def complexity_report(
         )
 
         # Groups run one after another: each begins when the previous one is done.
-        group_start = [time.perf_counter()]
+        clock = {"start": time.perf_counter(), "said": 0.0}
 
-        def tick(group: str, done: int, total: int, name=name, i=i, start=group_start) -> None:
-            # Every step of a search or sweep, with the time since the group began: a
-            # worst-case search on a CPU takes minutes per run.
+        def tick(group: str, done: int, total: int, name=name, i=i, clock=clock) -> None:
+            # Steps of a search or sweep, with the time since the group began (a worst-case
+            # search on a CPU takes minutes per run), at most one line per 5 s, and the end.
             now = time.perf_counter()
-            state = "done" if done == total else f"{done}/{total}"
-            say(f"[{i + 1}/{len(workdirs)}] {name}: {group} {state} ({now - start[0]:.0f} s)")
+            if done == total or now - clock["said"] >= 5.0:
+                state = "done" if done == total else f"{done}/{total}"
+                elapsed = now - clock["start"]
+                say(f"[{i + 1}/{len(workdirs)}] {name}: {group} {state} ({elapsed:.0f} s)")
+                clock["said"] = now
             if done == total:
-                start[0] = now
+                clock["start"] = now
 
         values = complexity_measures(
             run.setup.apply_fn,

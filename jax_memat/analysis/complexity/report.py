@@ -488,6 +488,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     for r in runs:
         m = r["measures"]
         flags = [k for k in sorted(m) if k.endswith("_saturated") and m[k]]
+        # A search that used up its steps without hitting the target within tolerance.
+        flags += [k for k in sorted(m) if k.endswith("_converged") and m[k] == 0.0]
         if "margin_positive" in m and not m["margin_positive"]:
             flags.append("margin<=0")
         cells = [r["name"], *(_fmt(r["hparams"].get(a)) for a in axes)]
