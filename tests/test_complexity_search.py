@@ -122,12 +122,17 @@ def test_bisection_keeps_its_invariant_and_stops_within_tolerance():
     # ones above it > target (the stub is increasing).
     for scale, dev in result.history:
         assert (dev > 0.1) == (scale > result.value) or scale == result.value
-    assert [d for d, _ in calls] == list(range(1, len(result.history) + 1))
+    # One call per evaluation, then one saying done, since the search stopped early.
+    assert [d for d, _ in calls] == [*range(1, len(result.history) + 1), 16]
     assert all(t == 16 for _, t in calls)
 
 
 def test_bisection_reports_saturation_at_the_upper_end():
-    result = sharpness.bisect(lambda s: 0.01 * s, target=0.1, upper=2.0)
+    calls = []
+    result = sharpness.bisect(
+        lambda s: 0.01 * s, target=0.1, upper=2.0, progress=lambda d, t: calls.append((d, t))
+    )
+    assert calls == [(1, 16), (16, 16)]
     assert result.saturated and not result.converged
     assert result.value == 2.0 and result.history == ((2.0, 0.02),)
 

@@ -137,7 +137,9 @@ def bisect(
       tolerance: how close to ``target`` is close enough, in (0, target).
       upper: the largest scale searched.
       max_steps: bisection steps after the evaluation of ``upper``.
-      progress: called as ``progress(done, max_steps + 1)`` after each evaluation.
+      progress: called as ``progress(done, max_steps + 1)`` after each
+        evaluation, and with ``done = max_steps + 1`` when the search ends
+        early (saturated or within tolerance), so the last call always says done.
 
     Returns:
       A ``SearchResult``.
@@ -157,9 +159,14 @@ def bisect(
             progress(len(history), total)
         return deviation
 
+    def finish(result: SearchResult) -> SearchResult:
+        if progress is not None and len(history) < total:
+            progress(total, total)
+        return result
+
     deviation = evaluate(upper)
     if deviation < target - tolerance:
-        return SearchResult(upper, deviation, True, False, tuple(history))
+        return finish(SearchResult(upper, deviation, True, False, tuple(history)))
     lo, hi, value = 0.0, upper, upper
     for _ in range(max_steps):
         if abs(deviation - target) <= tolerance:
@@ -170,8 +177,8 @@ def bisect(
             hi = value
         else:
             lo = value
-    return SearchResult(
-        value, deviation, False, abs(deviation - target) <= tolerance, tuple(history)
+    return finish(
+        SearchResult(value, deviation, False, abs(deviation - target) <= tolerance, tuple(history))
     )
 
 
