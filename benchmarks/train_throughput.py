@@ -49,11 +49,14 @@ import numpy as np
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent
 
-MODELS = ("preact_resnet18", "resnet18")
+MODELS = ("preact_resnet18", "resnet18", "small_cnn")
+DEFAULT_MODELS = ("preact_resnet18", "resnet18")
 FRAMEWORKS = ("jax", "torch")
 DTYPES = ("float32", "bfloat16")
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)  # H, W, C
+# The quickstart's model runs on Fashion-MNIST-shaped data; the ResNets on CIFAR-shaped.
+IMAGE_SHAPES = {"small_cnn": (28, 28, 1)}
 EPS, STEP_SIZE, PGD_STEPS = 8 / 255, 2 / 255, 10
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 # Packages the GPU machine does not have; the JAX step must not need them.
@@ -63,10 +66,17 @@ _ABSENT_ON_GPU = ("tensorflow", "tensorflow_datasets", "ml_collections")
 # --------------------------------------------------------------------------- shared
 
 
-def _random_batch(batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def image_shape(model_name: str) -> tuple[int, int, int]:
+    """One example's (H, W, C) for a model: 28x28x1 for the small CNN, else 32x32x3."""
+    return IMAGE_SHAPES.get(model_name, IMAGE_SHAPE)
+
+
+def _random_batch(
+    batch_size: int, seed: int, shape: tuple[int, int, int] = IMAGE_SHAPE
+) -> tuple[np.ndarray, np.ndarray]:
     """The benchmark's data: uniform images in [0, 1] (NHWC) and uniform labels."""
     rng = np.random.default_rng(seed)
-    images = rng.random((batch_size, *IMAGE_SHAPE), dtype=np.float32)
+    images = rng.random((batch_size, *shape), dtype=np.float32)
     labels = rng.integers(0, NUM_CLASSES, size=batch_size).astype(np.int32)
     return images, labels
 
@@ -159,7 +169,86 @@ def _jax_peak_memory() -> tuple[int, str]:
     return _peak_rss_bytes(), "process peak RSS"
 
 
-def bench_jax(model_name: str, batch_size: int, steps: int, warmup: int, dtype: str, seed: int):
+def _import_flops():
+    if str(_HERE) not in sys.path:
+        sys.path.insert(0, str(_HERE))
+    import flops
+
+    return flops
+
+
+def jax_step_flops(step, state, batch, apply_fn, shape, batch_size: int, n_devices: int) -> dict:
+    """Analytic and XLA FLOPs of one PGD-AT step (see flops.py for the two counts).
+
+    Args:
+      step, state, batch: the jitted train step and arguments it was timed with.
+      apply_fn: the model's apply function; shape: one example's (H, W, C).
+      batch_size: the global batch; n_devices: devices the step is split over.
+
+    Returns:
+      ``flops_analytic`` (the step, used for MFU), ``flops_analytic_loop_once``
+      (the same with one attack iteration, what XLA's cost analysis counts, since
+      it visits a loop's body once), ``flops_xla`` (the compiled program's count
+      times the devices; None where the backend gives none) and their ratio.
+    """
+    flops = _import_flops()
+    forward, first = flops.forward_flops(apply_fn, state.variables, shape)
+    analytic = flops.pgd_at_step_flops(forward, first, PGD_STEPS, batch_size)
+    loop_once = flops.pgd_at_step_flops(forward, first, 1, batch_size)
+    per_device = flops.xla_flops(step.lower(state, batch).compile().cost_analysis())
+    xla = None if per_device is None else per_device * n_devices
+    return {
+        "flops_forward_per_example": forward,
+        "flops_first_layer_per_example": first,
+        "flops_analytic": analytic,
+        "flops_analytic_loop_once": loop_once,
+        "flops_xla": xla,
+        "flops_xla_over_analytic_loop_once": None if xla is None else xla / loop_once,
+    }
+
+
+def mfu_figures(result: dict, dtype: str, peak_tflops: float | None) -> dict:
+    """Model FLOP utilization from a result's throughput and a peak (flag or known device).
+
+    Computed from the measured step time and datasheet (or given) peaks, not
+    measured by a profiler. For float32 on a known GPU both the FP32 and the
+    TF32 tensor-core peaks are used, since XLA's default precision may use TF32.
+    """
+    flops = _import_flops()
+    known = flops.known_peak_tflops(result.get("device_name", ""))
+    steps_per_s = 1e3 / result["ms_per_step"]
+    devices = result.get("devices_used", 1)
+    out: dict = {"peak_tflops_source": None, "peak_tflops": None, "mfu": None}
+    if peak_tflops is not None:
+        out.update(peak_tflops=peak_tflops, peak_tflops_source="--peak-tflops")
+    elif known is not None:
+        out.update(peak_tflops=known[dtype], peak_tflops_source="NVIDIA datasheet (flops.py)")
+        if dtype == "float32":
+            out["peak_tflops_tf32"] = known["tf32"]
+            out["mfu_tf32"] = flops.utilization(
+                result.get("flops_analytic"), steps_per_s, known["tf32"], devices
+            )
+    out["mfu"] = flops.utilization(
+        result.get("flops_analytic"), steps_per_s, out["peak_tflops"], devices
+    )
+    out["achieved_tflops"] = (
+        None
+        if result.get("flops_analytic") is None
+        else result["flops_analytic"] * steps_per_s / 1e12
+    )
+    out["mfu_note"] = "computed from measured throughput and a peak, not measured"
+    return out
+
+
+def bench_jax(
+    model_name: str,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    dtype: str,
+    seed: int,
+    count_flops: bool = True,
+):
     """Times the library's PGD-AT step; returns a result dict (see module docstring)."""
     import jax
 
@@ -176,10 +265,11 @@ def bench_jax(model_name: str, batch_size: int, steps: int, warmup: int, dtype: 
         name="pgd", eps=EPS, step_size=STEP_SIZE, steps=PGD_STEPS, norm="linf", random_start=True
     )
     loss_fn = api["make_objective"]("pgd_at", apply_fn, spec)
-    state = api["create_train_state"](module, jax.random.key(seed), IMAGE_SHAPE, tx, mesh)
+    shape = image_shape(model_name)
+    state = api["create_train_state"](module, jax.random.key(seed), shape, tx, mesh)
     step = api["make_train_step"](loss_fn, tx, mesh)
 
-    images, labels = _random_batch(batch_size, seed)
+    images, labels = _random_batch(batch_size, seed, shape)
     batch = api["shard_batch"](
         {"image": images, "label": labels, "index": np.arange(batch_size, dtype=np.int32)}, mesh
     )
@@ -215,6 +305,8 @@ def bench_jax(model_name: str, batch_size: int, steps: int, warmup: int, dtype: 
         ),
         absent_on_gpu_imported=sorted(m for m in _ABSENT_ON_GPU if m in sys.modules),
     )
+    if count_flops:  # after the timing: lowering and compiling again costs a compilation
+        result.update(jax_step_flops(step, state, batch, apply_fn, shape, batch_size, n_devices))
     return result
 
 
@@ -274,7 +366,7 @@ def bench_torch(
 
     model = torch_baseline.get_model(model_name, NUM_CLASSES).to(dev)
     opt = torch_baseline.make_sgd(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    images, labels = _random_batch(batch_size, seed)
+    images, labels = _random_batch(batch_size, seed, image_shape(model_name))
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dev)
     y = torch.from_numpy(labels.astype(np.int64)).to(dev)
     autocast = torch.bfloat16 if dtype == "bfloat16" else None
@@ -332,12 +424,16 @@ def _run_one(framework: str, model: str, dtype: str, args: argparse.Namespace) -
     result.update(batch_size=args.batch_size, warmup=args.warmup, isolated=args.child is not None)
     try:
         if framework == "jax":
-            out = bench_jax(model, args.batch_size, args.steps, args.warmup, dtype, args.seed)
+            out = bench_jax(
+                model, args.batch_size, args.steps, args.warmup, dtype, args.seed, args.flops
+            )
         else:
             out = bench_torch(
                 model, args.batch_size, args.steps, args.warmup, dtype, args.seed, args.device
             )
         result.update(out)
+        if framework == "jax" and args.flops:
+            result.update(mfu_figures(result, dtype, args.peak_tflops))
     except Exception:  # a failed pair must not lose the others' numbers
         result["error"] = traceback.format_exc()
         print(result["error"], file=sys.stderr)
@@ -372,7 +468,10 @@ def _run_isolated(framework: str, model: str, dtype: str, args: argparse.Namespa
             f"--seed={args.seed}",
             f"--device={args.device}",
             f"--out={out}",
+            "--flops" if args.flops else "--no-flops",
         ]
+        if args.peak_tflops is not None:
+            cmd.append(f"--peak-tflops={args.peak_tflops}")
         failed = {"framework": framework, "model": model, "dtype": dtype, "isolated": True}
         start = time.perf_counter()
         try:
@@ -391,6 +490,20 @@ def _run_isolated(framework: str, model: str, dtype: str, args: argparse.Namespa
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _per_example(result: dict, key: str) -> float | None:
+    value = result.get(key)
+    return None if value is None else value / result["batch_size"] / 1e9
+
+
+def _mfu_text(result: dict) -> str:
+    if result.get("mfu") is None:
+        return "-"
+    text = f"{100 * result['mfu']:.1f}%"
+    if result.get("mfu_tf32") is not None:
+        text += f" (TF32 peak: {100 * result['mfu_tf32']:.1f}%)"
+    return text
 
 
 def _memory_kind(result: dict) -> str:
@@ -423,22 +536,26 @@ def markdown(results: list[dict], ratios: list[dict]) -> str:
     """The results and ratios as Markdown tables."""
     lines = [
         "| model | framework | dtype | device | examples/s | ms/step | peak memory (MiB) "
-        "| memory source | first call (s) |",
-        "|---|---|---|---|---:|---:|---:|---|---:|",
+        "| memory source | first call (s) | GFLOP/example (analytic) | XLA / analytic, loop once "
+        "| TFLOP/s | MFU |",
+        "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "error" in r:
             err = r["error"].strip().splitlines()[-1][:80]
             lines.append(
                 f"| {r['model']} | {r['framework']} | {r['dtype']} | failed: {err} "
-                "| - | - | - | - | - |"
+                "| - | - | - | - | - | - | - | - | - |"
             )
             continue
         mem = r["peak_memory_bytes"] / 2**20
         lines.append(
             f"| {r['model']} | {r['framework']} | {r['dtype']} | {r['device_name']} "
             f"| {r['examples_per_s']:.1f} | {r['ms_per_step']:.1f} | {mem:.0f} "
-            f"| {r['peak_memory_source']} | {_fmt(r.get('first_call_s'), '.1f')} |"
+            f"| {r['peak_memory_source']} | {_fmt(r.get('first_call_s'), '.1f')} "
+            f"| {_fmt(_per_example(r, 'flops_analytic'), '.2f')} "
+            f"| {_fmt(r.get('flops_xla_over_analytic_loop_once'), '.2f')} "
+            f"| {_fmt(r.get('achieved_tflops'), '.3g')} | {_mfu_text(r)} |"
         )
     if ratios:
         lines += [
@@ -485,7 +602,11 @@ def _split(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: %(default)s")
+    p.add_argument(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help=f"comma-separated, of {', '.join(MODELS)} (default %(default)s)",
+    )
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated")
     p.add_argument("--batch-size", type=int, default=128, help="global batch (all devices)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
@@ -505,6 +626,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="one subprocess per (model, framework) so memory figures do not mix",
     )
+    p.add_argument(
+        "--flops",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="count the JAX step's FLOPs (analytic and XLA's) and report MFU; costs one "
+        "more compilation after the timing",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="one device's peak TFLOP/s for the run's dtype, for MFU; default: the "
+        "datasheet figure of a known GPU (H100 SXM, H200), none elsewhere",
+    )
     p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per subprocess")
     p.add_argument("--child", choices=FRAMEWORKS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -516,6 +651,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(e))
     if args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
         p.error("--steps, --warmup and --batch-size must be >= 1")
+    if args.peak_tflops is not None and not (
+        math.isfinite(args.peak_tflops) and args.peak_tflops > 0
+    ):
+        p.error(f"--peak-tflops must be a positive number of TFLOP/s; got {args.peak_tflops}")
     return args
 
 
@@ -524,7 +663,7 @@ def _report(args: argparse.Namespace, results: list[dict]) -> dict:
         "benchmark": "PGD-10 adversarial training step (PGD-AT), CIFAR-shaped random data",
         "settings": {
             "batch_size": args.batch_size,
-            "image_shape_hwc": list(IMAGE_SHAPE),
+            "image_shape_hwc": {m: list(image_shape(m)) for m in args.models},
             "num_classes": NUM_CLASSES,
             "attack": {"eps": EPS, "step_size": STEP_SIZE, "steps": PGD_STEPS, "norm": "linf"},
             "optimizer": {"lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
