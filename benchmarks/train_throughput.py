@@ -53,6 +53,9 @@ MODELS = ("preact_resnet18", "resnet18", "small_cnn")
 DEFAULT_MODELS = ("preact_resnet18", "resnet18")
 FRAMEWORKS = ("jax", "torch")
 DTYPES = ("float32", "bfloat16")
+# PyTorch baselines (torch_baseline.prepare): the conventional eager step, then what a
+# performance-aware user adds: channels_last memory format, and torch.compile.
+TORCH_VARIANTS = ("eager", "channels_last", "compile")
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)  # H, W, C
 # The quickstart's model runs on Fashion-MNIST-shaped data; the ResNets on CIFAR-shaped.
@@ -348,7 +351,14 @@ def _torch_info(device) -> dict:
 
 
 def bench_torch(
-    model_name: str, batch_size: int, steps: int, warmup: int, dtype: str, seed: int, device: str
+    model_name: str,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    dtype: str,
+    seed: int,
+    device: str,
+    variant: str = "eager",
 ):
     """Times ``torch_baseline.pgd_at_step``; returns a result dict (see module docstring)."""
     import torch
@@ -365,9 +375,10 @@ def bench_torch(
     sync = (lambda: torch.cuda.synchronize(dev)) if on_gpu else (lambda: None)
 
     model = torch_baseline.get_model(model_name, NUM_CLASSES).to(dev)
-    opt = torch_baseline.make_sgd(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     images, labels = _random_batch(batch_size, seed, image_shape(model_name))
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dev)
+    model, x = torch_baseline.prepare(model, x, variant)
+    opt = torch_baseline.make_sgd(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     y = torch.from_numpy(labels.astype(np.int64)).to(dev)
     autocast = torch.bfloat16 if dtype == "bfloat16" else None
 
@@ -378,7 +389,7 @@ def bench_torch(
 
     sync()
     start = time.perf_counter()
-    loss = step()  # cudnn.benchmark autotunes here
+    loss = step()  # cudnn.benchmark autotunes here; torch.compile compiles here
     sync()
     first_call_s = time.perf_counter() - start
     for _ in range(warmup - 1):
@@ -406,6 +417,12 @@ def bench_torch(
         devices_used=1,
         device_name=info.get("device_name", platform.processor() or "cpu"),
         framework_info=info,
+        variant_note={
+            "eager": "conventional eager step, NCHW",
+            "channels_last": "eager, model and batch in channels_last memory format",
+            "compile": "channels_last, torch.compile(model) (default mode); attack loop and "
+            "optimizer eager",
+        }[variant],
         dtype_note=(
             "torch.autocast(bfloat16) forward passes; params and updates float32"
             if dtype == "bfloat16"
@@ -418,9 +435,13 @@ def bench_torch(
 # --------------------------------------------------------------------------- driver
 
 
-def _run_one(framework: str, model: str, dtype: str, args: argparse.Namespace) -> dict:
+def _run_one(
+    framework: str, model: str, dtype: str, args: argparse.Namespace, variant: str | None = None
+) -> dict:
     """Runs one benchmark in this process; never raises (errors go in the result)."""
-    result = {"framework": framework, "model": model, "dtype": dtype}
+    if framework == "torch" and variant is None:
+        variant = "eager"
+    result = {"framework": framework, "model": model, "dtype": dtype, "variant": variant}
     result.update(batch_size=args.batch_size, warmup=args.warmup, isolated=args.child is not None)
     try:
         if framework == "jax":
@@ -429,7 +450,14 @@ def _run_one(framework: str, model: str, dtype: str, args: argparse.Namespace) -
             )
         else:
             out = bench_torch(
-                model, args.batch_size, args.steps, args.warmup, dtype, args.seed, args.device
+                model,
+                args.batch_size,
+                args.steps,
+                args.warmup,
+                dtype,
+                args.seed,
+                args.device,
+                variant,
             )
         result.update(out)
         if framework == "jax" and args.flops:
@@ -453,7 +481,9 @@ def _child_env(framework: str, device: str) -> dict:
     return env
 
 
-def _run_isolated(framework: str, model: str, dtype: str, args: argparse.Namespace) -> dict:
+def _run_isolated(
+    framework: str, model: str, dtype: str, args: argparse.Namespace, variant: str | None = None
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [
@@ -470,9 +500,17 @@ def _run_isolated(framework: str, model: str, dtype: str, args: argparse.Namespa
             f"--out={out}",
             "--flops" if args.flops else "--no-flops",
         ]
+        if variant is not None:
+            cmd.append(f"--torch-variant={variant}")
         if args.peak_tflops is not None:
             cmd.append(f"--peak-tflops={args.peak_tflops}")
-        failed = {"framework": framework, "model": model, "dtype": dtype, "isolated": True}
+        failed = {
+            "framework": framework,
+            "model": model,
+            "dtype": dtype,
+            "variant": variant,
+            "isolated": True,
+        }
         start = time.perf_counter()
         try:
             proc = subprocess.run(
@@ -490,6 +528,11 @@ def _run_isolated(framework: str, model: str, dtype: str, args: argparse.Namespa
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _framework_label(result: dict) -> str:
+    variant = result.get("variant")
+    return result["framework"] + (f" ({variant})" if variant else "")
 
 
 def _per_example(result: dict, key: str) -> float | None:
@@ -511,25 +554,32 @@ def _memory_kind(result: dict) -> str:
 
 
 def _ratios(results: list[dict]) -> list[dict]:
-    """JAX / PyTorch throughput and memory, per (model, dtype) where both ran."""
-    ok = {(r["framework"], r["model"], r["dtype"]): r for r in results if "error" not in r}
+    """JAX / PyTorch throughput and memory, per (model, dtype, PyTorch variant) where both ran."""
+    ok = [r for r in results if "error" not in r]
     rows = []
-    for (fw, model, dtype), jax_r in ok.items():
-        torch_r = ok.get(("torch", model, dtype))
-        if fw != "jax" or torch_r is None:
+    for jax_r in ok:
+        if jax_r["framework"] != "jax":
             continue
-        rows.append(
-            {
-                "model": model,
-                "dtype": dtype,
-                "throughput_ratio_jax_over_torch": jax_r["examples_per_s"]
-                / torch_r["examples_per_s"],
-                "peak_memory_ratio_jax_over_torch": jax_r["peak_memory_bytes"]
-                / torch_r["peak_memory_bytes"],
-                "memory_sources_comparable": _memory_kind(jax_r) == _memory_kind(torch_r),
-            }
-        )
+        for torch_r in ok:
+            if torch_r["framework"] != "torch" or (torch_r["model"], torch_r["dtype"]) != (
+                jax_r["model"],
+                jax_r["dtype"],
+            ):
+                continue
+            rows.append(_ratio_row(jax_r, torch_r))
     return rows
+
+
+def _ratio_row(jax_r: dict, torch_r: dict) -> dict:
+    return {
+        "model": jax_r["model"],
+        "dtype": jax_r["dtype"],
+        "torch_variant": torch_r.get("variant") or "eager",
+        "throughput_ratio_jax_over_torch": jax_r["examples_per_s"] / torch_r["examples_per_s"],
+        "peak_memory_ratio_jax_over_torch": jax_r["peak_memory_bytes"]
+        / torch_r["peak_memory_bytes"],
+        "memory_sources_comparable": _memory_kind(jax_r) == _memory_kind(torch_r),
+    }
 
 
 def markdown(results: list[dict], ratios: list[dict]) -> str:
@@ -544,13 +594,13 @@ def markdown(results: list[dict], ratios: list[dict]) -> str:
         if "error" in r:
             err = r["error"].strip().splitlines()[-1][:80]
             lines.append(
-                f"| {r['model']} | {r['framework']} | {r['dtype']} | failed: {err} "
+                f"| {r['model']} | {_framework_label(r)} | {r['dtype']} | failed: {err} "
                 "| - | - | - | - | - | - | - | - | - |"
             )
             continue
         mem = r["peak_memory_bytes"] / 2**20
         lines.append(
-            f"| {r['model']} | {r['framework']} | {r['dtype']} | {r['device_name']} "
+            f"| {r['model']} | {_framework_label(r)} | {r['dtype']} | {r['device_name']} "
             f"| {r['examples_per_s']:.1f} | {r['ms_per_step']:.1f} | {mem:.0f} "
             f"| {r['peak_memory_source']} | {_fmt(r.get('first_call_s'), '.1f')} "
             f"| {_fmt(_per_example(r, 'flops_analytic'), '.2f')} "
@@ -560,15 +610,16 @@ def markdown(results: list[dict], ratios: list[dict]) -> str:
     if ratios:
         lines += [
             "",
-            "| model | dtype | throughput JAX / PyTorch | peak memory JAX / PyTorch |",
-            "|---|---|---:|---:|",
+            "| model | dtype | PyTorch variant | throughput JAX / PyTorch "
+            "| peak memory JAX / PyTorch |",
+            "|---|---|---|---:|---:|",
         ]
         for q in ratios:
             mem = f"{q['peak_memory_ratio_jax_over_torch']:.2f}"
             if not q["memory_sources_comparable"]:
                 mem += " (different sources)"
             lines.append(
-                f"| {q['model']} | {q['dtype']} "
+                f"| {q['model']} | {q['dtype']} | {q['torch_variant']} "
                 f"| {q['throughput_ratio_jax_over_torch']:.2f} | {mem} |"
             )
     return "\n".join(lines)
@@ -641,12 +692,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "datasheet figure of a known GPU (H100 SXM, H200), none elsewhere",
     )
     p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per subprocess")
+    p.add_argument(
+        "--torch-variant",
+        default="eager",
+        help=f"comma-separated PyTorch baselines, of {', '.join(TORCH_VARIANTS)}: the "
+        "conventional eager step, + channels_last memory format, + torch.compile "
+        "(default %(default)s)",
+    )
     p.add_argument("--child", choices=FRAMEWORKS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         args.models = _split(args.models, MODELS, "--models")
         args.frameworks = _split(args.frameworks, FRAMEWORKS, "--frameworks")
         args.dtypes = _split(args.dtype, DTYPES, "--dtype")
+        args.torch_variants = _split(args.torch_variant, TORCH_VARIANTS, "--torch-variant")
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
     if args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
@@ -670,6 +729,7 @@ def _report(args: argparse.Namespace, results: list[dict]) -> dict:
             "timed_steps": args.steps,
             "warmup_steps": args.warmup,
             "dtypes": args.dtypes,
+            "torch_variants": args.torch_variants if "torch" in args.frameworks else [],
             "device": args.device,
             "isolate": args.isolate,
             "seed": args.seed,
@@ -681,11 +741,26 @@ def _report(args: argparse.Namespace, results: list[dict]) -> dict:
     }
 
 
+def _write_json(path: str, obj) -> None:
+    """Writes ``obj`` as JSON atomically: a temporary file beside ``path``, then a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.child is not None:  # a subprocess of the driver below: one pair, JSON out
-        result = _run_one(args.child, args.models[0], args.dtypes[0], args)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        variant = args.torch_variants[0] if args.child == "torch" else None
+        result = _run_one(args.child, args.models[0], args.dtypes[0], args, variant)
+        _write_json(args.out, result)
         return result
 
     if not args.isolate and "jax" in args.frameworks:
@@ -694,14 +769,16 @@ def main(argv: list[str] | None = None) -> dict:
     for dtype in args.dtypes:
         for model in args.models:
             for framework in args.frameworks:
-                print(f"== {model} / {framework} / {dtype}", file=sys.stderr, flush=True)
-                run = _run_isolated if args.isolate else _run_one
-                results.append(run(framework, model, dtype, args))
-                # Written after every pair, so a run cut short keeps what it measured.
-                report = _report(args, results)
-                if args.out:
-                    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.out).write_text(json.dumps(report, indent=2))
+                variants = args.torch_variants if framework == "torch" else [None]
+                for variant in variants:
+                    label = framework + (f" ({variant})" if variant else "")
+                    print(f"== {model} / {label} / {dtype}", file=sys.stderr, flush=True)
+                    run = _run_isolated if args.isolate else _run_one
+                    results.append(run(framework, model, dtype, args, variant))
+                    # Written after every pair, so a run cut short keeps what it measured.
+                    report = _report(args, results)
+                    if args.out:
+                        _write_json(args.out, report)
     print(markdown(results, report["ratios"]))
     if args.out:
         print(f"wrote {args.out}", file=sys.stderr)

@@ -122,3 +122,38 @@ def test_peak_tflops_flag_refuses_nonsense():
         throughput.parse_args(["--peak-tflops=-3"])
     with pytest.raises(SystemExit):
         throughput.parse_args(["--models=small_cnn,vgg"])
+
+
+def test_train_throughput_torch_variants_side_by_side(capsys):
+    pytest.importorskip("torch")  # the optional bench dependency
+    report = throughput.main(
+        [
+            "--models=small_cnn",
+            "--frameworks=jax,torch",
+            "--torch-variant=eager,channels_last",
+            "--batch-size=16",
+            "--steps=1",
+            "--warmup=1",
+            "--device=cpu",
+            "--no-isolate",
+            "--no-flops",
+        ]
+    )
+    errors = [r["error"] for r in report["results"] if "error" in r]
+    assert not errors, errors
+    assert [(r["framework"], r["variant"]) for r in report["results"]] == [
+        ("jax", None),
+        ("torch", "eager"),
+        ("torch", "channels_last"),
+    ]
+    assert [q["torch_variant"] for q in report["ratios"]] == ["eager", "channels_last"]
+    for q, torch_r in zip(report["ratios"], report["results"][1:], strict=True):
+        jax_r = report["results"][0]
+        expected = jax_r["examples_per_s"] / torch_r["examples_per_s"]
+        assert q["throughput_ratio_jax_over_torch"] == pytest.approx(expected, rel=1e-12)
+    assert "torch (channels_last)" in capsys.readouterr().out
+
+
+def test_torch_variant_flag_refuses_unknown():
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--torch-variant=eager,fast"])
