@@ -23,6 +23,16 @@ statistic. By default every (model, framework) pair runs in its own subprocess
 the other; JAX children run with ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that
 the JAX peak is what the step needs rather than 75% of the device.
 
+FLOPs and MFU (``--flops``, JAX only; ``flops.py``): the step's analytic FLOPs
+(convolutions and matrix products of 10 attack forward + input-gradient passes
+and one training forward + backward), XLA's count of the compiled program, and
+the model FLOP utilization against ``--peak-tflops`` or a known GPU's
+datasheet peak: computed from the measured step time, not measured.
+
+PyTorch variants (``--torch-variant``): ``eager`` (the conventional step),
+``channels_last`` and ``compile`` (``torch.compile`` of the model), each in its
+own subprocess and each with its own JAX / PyTorch ratio.
+
 Example::
 
     python benchmarks/train_throughput.py --models preact_resnet18,resnet18 \\
