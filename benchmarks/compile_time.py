@@ -93,7 +93,9 @@ def _run_child(label: str, cache: str, main_args: list[str], scratch: Path, time
         tail = proc.stderr.decode(errors="replace")[-2000:]
         raise RuntimeError(f"{label}: child exited {proc.returncode} without a result:\n{tail}")
     result = json.loads(out.read_text())
-    result.update(label=label, wall_s=wall, cache=cache)
+    # The folder is a temporary one: record what it was, not where.
+    where = "off" if cache == "off" else "temporary folder, shared by the cold and warm runs"
+    result.update(label=label, wall_s=wall, cache=where)
     print(
         f"{label:8s} wall {wall:6.1f} s | compile {result['compile_total_s']:6.1f} s "
         f"(trace {result['trace_s']:.1f}, lower {result['lower_s']:.1f}, backend "
