@@ -23,6 +23,7 @@ BF16_FRAMEWORKS="${BF16_FRAMEWORKS:-jax,torch}"
 BUDGET_S="${BUDGET_S:-420}"
 BF16_NEEDS_S="${BF16_NEEDS_S:-180}"
 CHILD_TIMEOUT_S="${CHILD_TIMEOUT_S:-150}"  # one (model, framework) subprocess
+TORCH_VARIANTS="${TORCH_VARIANTS:-eager,channels_last,compile}"  # --torch-variant
 DEVICE="${DEVICE:-gpu}"  # cpu only to smoke-test this script off the GPU machine
 mkdir -p "$OUT_DIR"
 START=$(date +%s)
@@ -60,7 +61,7 @@ run() {  # run <dtype> <frameworks> <json name>
   timeout --kill-after=10 "$left" python benchmarks/train_throughput.py \
     --models "$MODELS" --frameworks "$2" --dtype "$1" --batch-size "$BATCH" \
     --steps "$STEPS" --warmup "$WARMUP" --device "$DEVICE" --child-timeout "$CHILD_TIMEOUT_S" \
-    --out "$OUT_DIR/$3" || echo "(exit $? for $1; partial results in $OUT_DIR/$3)"
+    --torch-variant "$TORCH_VARIANTS" --out "$OUT_DIR/$3" || echo "(exit $? for $1; partial results in $OUT_DIR/$3)"
 }
 
 run float32 jax,torch throughput_float32.json

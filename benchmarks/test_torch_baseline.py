@@ -57,3 +57,45 @@ def test_bf16_autocast_step_runs(model):
     loss = tb.pgd_at_step(model, opt, x, y, steps=1, autocast_dtype=torch.bfloat16)
     assert torch.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_small_cnn_matches_jax_memat_parameter_count_and_shape():
+    net = tb.get_model("small_cnn")
+    assert sum(p.numel() for p in net.parameters()) == 151_402  # jax_memat small_cnn's count
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_prepare_refuses_unknown_variant():
+    with pytest.raises(ValueError, match="accepted: eager, channels_last, compile"):
+        tb.prepare(tb.get_model("small_cnn"), torch.rand(2, 1, 28, 28), "nhwc")
+
+
+def test_channels_last_variant_computes_the_same_step():
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    losses = {}
+    for variant in ("eager", "channels_last"):
+        torch.manual_seed(0)
+        model, xv = tb.prepare(tb.get_model("small_cnn"), x.clone(), variant)
+        if variant == "channels_last":
+            assert xv.is_contiguous(memory_format=torch.channels_last)
+            assert model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+        opt = tb.make_sgd(model, lr=0.01)
+        torch.manual_seed(1)  # the same random start
+        losses[variant] = [tb.pgd_at_step(model, opt, xv, y, steps=2).item() for _ in range(2)]
+    # Same math in another memory order: float32 sums in another order, a few ulps of a
+    # loss of about 2.3 over two steps.
+    assert losses["channels_last"] == pytest.approx(losses["eager"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_variant_runs_and_matches_eager():
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    losses = {}
+    for variant in ("eager", "compile"):
+        torch.manual_seed(0)
+        model, xv = tb.prepare(tb.get_model("small_cnn"), x.clone(), variant)
+        opt = tb.make_sgd(model, lr=0.01)
+        torch.manual_seed(1)
+        losses[variant] = [tb.pgd_at_step(model, opt, xv, y, steps=2).item() for _ in range(2)]
+    # Inductor fuses and reorders float32 work: looser than channels_last's bound.
+    assert losses["compile"] == pytest.approx(losses["eager"], rel=1e-3)

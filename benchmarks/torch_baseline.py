@@ -12,6 +12,17 @@ The models are the CIFAR variants (3x3 stem with stride 1, no max-pool,
 - ``PreActResNet18``: pre-activation blocks (He et al., 2016) with a final
   BatchNorm + ReLU before pooling, as in the robust-overfitting code of Rice et al.
 - ``ResNet18``: post-activation ``BasicBlock``s with 1x1 projection shortcuts.
+- ``SmallCNN``: jax_memat's ``small_cnn`` (the quickstart's model, 28x28x1):
+  two 3x3 stride-2 convolutions (32, 64 channels) with BatchNorm and ReLU, a
+  2x2 max pool, a 128-unit hidden layer and a linear head.
+
+Besides that conventional step (variant ``eager``), ``prepare`` sets up what a
+performance-aware PyTorch user adds: ``channels_last`` (the model and the batch
+in NHWC memory order, which cuDNN's tensor-core convolutions prefer; with
+``torch.autocast(bfloat16)`` in bfloat16 as in eager) and ``compile``
+(``channels_last`` plus ``torch.compile`` of the model, which compiles its
+forward and backward passes in both BatchNorm modes; the attack loop and the
+optimizer stay eager Python).
 
 Example::
 
@@ -32,11 +43,16 @@ __all__ = [
     "PreActBlock",
     "PreActResNet18",
     "ResNet18",
+    "SmallCNN",
+    "VARIANTS",
     "get_model",
     "make_sgd",
     "pgd_at_step",
     "pgd_linf",
+    "prepare",
 ]
+
+VARIANTS = ("eager", "channels_last", "compile")
 
 
 class PreActBlock(nn.Module):
@@ -132,7 +148,27 @@ def ResNet18(num_classes: int = 10) -> nn.Module:
     return _CifarResNet(BasicBlock, [2, 2, 2, 2], num_classes, preact=False)
 
 
-_MODELS = {"preact_resnet18": PreActResNet18, "resnet18": ResNet18}
+class SmallCNN(nn.Module):
+    """jax_memat's ``small_cnn`` on 28x28x1 (151,402 parameters for 10 classes)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        # 28 -> 14 -> 7 -> 4: Flax's "SAME" max pool pads the odd side, as ceil_mode does.
+        self.pool = nn.MaxPool2d(2, stride=2, ceil_mode=True)
+        self.fc1 = nn.Linear(64 * 4 * 4, 128)
+        self.linear = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        return self.linear(F.relu(self.fc1(x.flatten(1))))
+
+
+_MODELS = {"preact_resnet18": PreActResNet18, "resnet18": ResNet18, "small_cnn": SmallCNN}
 
 
 def get_model(name: str, num_classes: int = 10) -> nn.Module:
@@ -140,6 +176,36 @@ def get_model(name: str, num_classes: int = 10) -> nn.Module:
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(_MODELS)}")
     return _MODELS[name](num_classes)
+
+
+def prepare(
+    model: nn.Module, x: torch.Tensor, variant: str = "eager"
+) -> tuple[nn.Module, torch.Tensor]:
+    """The model and batch as a variant of the baseline runs them (module docstring).
+
+    Args:
+      model: a model from ``get_model``, on its device.
+      x: the NCHW batch.
+      variant: ``eager`` (as given), ``channels_last`` or ``compile``.
+
+    Returns:
+      ``(model, x)`` to pass to ``pgd_at_step``; for ``compile`` the model is the
+      ``torch.compile`` wrapper, sharing the original's parameters (build the
+      optimizer from either).
+
+    Example::
+
+        model, x = prepare(get_model("resnet18").cuda(), x.cuda(), "compile")
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; accepted: {', '.join(VARIANTS)}")
+    if variant == "eager":
+        return model, x
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    if variant == "compile":
+        model = torch.compile(model)
+    return model, x
 
 
 def make_sgd(

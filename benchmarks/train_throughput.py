@@ -23,6 +23,16 @@ statistic. By default every (model, framework) pair runs in its own subprocess
 the other; JAX children run with ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that
 the JAX peak is what the step needs rather than 75% of the device.
 
+FLOPs and MFU (``--flops``, JAX only; ``flops.py``): the step's analytic FLOPs
+(convolutions and matrix products of 10 attack forward + input-gradient passes
+and one training forward + backward), XLA's count of the compiled program, and
+the model FLOP utilization against ``--peak-tflops`` or a known GPU's
+datasheet peak: computed from the measured step time, not measured.
+
+PyTorch variants (``--torch-variant``): ``eager`` (the conventional step),
+``channels_last`` and ``compile`` (``torch.compile`` of the model), each in its
+own subprocess and each with its own JAX / PyTorch ratio.
+
 Example::
 
     python benchmarks/train_throughput.py --models preact_resnet18,resnet18 \\
@@ -49,11 +59,17 @@ import numpy as np
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent
 
-MODELS = ("preact_resnet18", "resnet18")
+MODELS = ("preact_resnet18", "resnet18", "small_cnn")
+DEFAULT_MODELS = ("preact_resnet18", "resnet18")
 FRAMEWORKS = ("jax", "torch")
 DTYPES = ("float32", "bfloat16")
+# PyTorch baselines (torch_baseline.prepare): the conventional eager step, then what a
+# performance-aware user adds: channels_last memory format, and torch.compile.
+TORCH_VARIANTS = ("eager", "channels_last", "compile")
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)  # H, W, C
+# The quickstart's model runs on Fashion-MNIST-shaped data; the ResNets on CIFAR-shaped.
+IMAGE_SHAPES = {"small_cnn": (28, 28, 1)}
 EPS, STEP_SIZE, PGD_STEPS = 8 / 255, 2 / 255, 10
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 # Packages the GPU machine does not have; the JAX step must not need them.
@@ -63,10 +79,17 @@ _ABSENT_ON_GPU = ("tensorflow", "tensorflow_datasets", "ml_collections")
 # --------------------------------------------------------------------------- shared
 
 
-def _random_batch(batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def image_shape(model_name: str) -> tuple[int, int, int]:
+    """One example's (H, W, C) for a model: 28x28x1 for the small CNN, else 32x32x3."""
+    return IMAGE_SHAPES.get(model_name, IMAGE_SHAPE)
+
+
+def _random_batch(
+    batch_size: int, seed: int, shape: tuple[int, int, int] = IMAGE_SHAPE
+) -> tuple[np.ndarray, np.ndarray]:
     """The benchmark's data: uniform images in [0, 1] (NHWC) and uniform labels."""
     rng = np.random.default_rng(seed)
-    images = rng.random((batch_size, *IMAGE_SHAPE), dtype=np.float32)
+    images = rng.random((batch_size, *shape), dtype=np.float32)
     labels = rng.integers(0, NUM_CLASSES, size=batch_size).astype(np.int32)
     return images, labels
 
@@ -159,7 +182,86 @@ def _jax_peak_memory() -> tuple[int, str]:
     return _peak_rss_bytes(), "process peak RSS"
 
 
-def bench_jax(model_name: str, batch_size: int, steps: int, warmup: int, dtype: str, seed: int):
+def _import_flops():
+    if str(_HERE) not in sys.path:
+        sys.path.insert(0, str(_HERE))
+    import flops
+
+    return flops
+
+
+def jax_step_flops(step, state, batch, apply_fn, shape, batch_size: int, n_devices: int) -> dict:
+    """Analytic and XLA FLOPs of one PGD-AT step (see flops.py for the two counts).
+
+    Args:
+      step, state, batch: the jitted train step and arguments it was timed with.
+      apply_fn: the model's apply function; shape: one example's (H, W, C).
+      batch_size: the global batch; n_devices: devices the step is split over.
+
+    Returns:
+      ``flops_analytic`` (the step, used for MFU), ``flops_analytic_loop_once``
+      (the same with one attack iteration, what XLA's cost analysis counts, since
+      it visits a loop's body once), ``flops_xla`` (the compiled program's count
+      times the devices; None where the backend gives none) and their ratio.
+    """
+    flops = _import_flops()
+    forward, first = flops.forward_flops(apply_fn, state.variables, shape)
+    analytic = flops.pgd_at_step_flops(forward, first, PGD_STEPS, batch_size)
+    loop_once = flops.pgd_at_step_flops(forward, first, 1, batch_size)
+    per_device = flops.xla_flops(step.lower(state, batch).compile().cost_analysis())
+    xla = None if per_device is None else per_device * n_devices
+    return {
+        "flops_forward_per_example": forward,
+        "flops_first_layer_per_example": first,
+        "flops_analytic": analytic,
+        "flops_analytic_loop_once": loop_once,
+        "flops_xla": xla,
+        "flops_xla_over_analytic_loop_once": None if xla is None else xla / loop_once,
+    }
+
+
+def mfu_figures(result: dict, dtype: str, peak_tflops: float | None) -> dict:
+    """Model FLOP utilization from a result's throughput and a peak (flag or known device).
+
+    Computed from the measured step time and datasheet (or given) peaks, not
+    measured by a profiler. For float32 on a known GPU both the FP32 and the
+    TF32 tensor-core peaks are used, since XLA's default precision may use TF32.
+    """
+    flops = _import_flops()
+    known = flops.known_peak_tflops(result.get("device_name", ""))
+    steps_per_s = 1e3 / result["ms_per_step"]
+    devices = result.get("devices_used", 1)
+    out: dict = {"peak_tflops_source": None, "peak_tflops": None, "mfu": None}
+    if peak_tflops is not None:
+        out.update(peak_tflops=peak_tflops, peak_tflops_source="--peak-tflops")
+    elif known is not None:
+        out.update(peak_tflops=known[dtype], peak_tflops_source="NVIDIA datasheet (flops.py)")
+        if dtype == "float32":
+            out["peak_tflops_tf32"] = known["tf32"]
+            out["mfu_tf32"] = flops.utilization(
+                result.get("flops_analytic"), steps_per_s, known["tf32"], devices
+            )
+    out["mfu"] = flops.utilization(
+        result.get("flops_analytic"), steps_per_s, out["peak_tflops"], devices
+    )
+    out["achieved_tflops"] = (
+        None
+        if result.get("flops_analytic") is None
+        else result["flops_analytic"] * steps_per_s / 1e12
+    )
+    out["mfu_note"] = "computed from measured throughput and a peak, not measured"
+    return out
+
+
+def bench_jax(
+    model_name: str,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    dtype: str,
+    seed: int,
+    count_flops: bool = True,
+):
     """Times the library's PGD-AT step; returns a result dict (see module docstring)."""
     import jax
 
@@ -176,10 +278,11 @@ def bench_jax(model_name: str, batch_size: int, steps: int, warmup: int, dtype: 
         name="pgd", eps=EPS, step_size=STEP_SIZE, steps=PGD_STEPS, norm="linf", random_start=True
     )
     loss_fn = api["make_objective"]("pgd_at", apply_fn, spec)
-    state = api["create_train_state"](module, jax.random.key(seed), IMAGE_SHAPE, tx, mesh)
+    shape = image_shape(model_name)
+    state = api["create_train_state"](module, jax.random.key(seed), shape, tx, mesh)
     step = api["make_train_step"](loss_fn, tx, mesh)
 
-    images, labels = _random_batch(batch_size, seed)
+    images, labels = _random_batch(batch_size, seed, shape)
     batch = api["shard_batch"](
         {"image": images, "label": labels, "index": np.arange(batch_size, dtype=np.int32)}, mesh
     )
@@ -215,6 +318,8 @@ def bench_jax(model_name: str, batch_size: int, steps: int, warmup: int, dtype: 
         ),
         absent_on_gpu_imported=sorted(m for m in _ABSENT_ON_GPU if m in sys.modules),
     )
+    if count_flops:  # after the timing: lowering and compiling again costs a compilation
+        result.update(jax_step_flops(step, state, batch, apply_fn, shape, batch_size, n_devices))
     return result
 
 
@@ -256,7 +361,14 @@ def _torch_info(device) -> dict:
 
 
 def bench_torch(
-    model_name: str, batch_size: int, steps: int, warmup: int, dtype: str, seed: int, device: str
+    model_name: str,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    dtype: str,
+    seed: int,
+    device: str,
+    variant: str = "eager",
 ):
     """Times ``torch_baseline.pgd_at_step``; returns a result dict (see module docstring)."""
     import torch
@@ -273,9 +385,10 @@ def bench_torch(
     sync = (lambda: torch.cuda.synchronize(dev)) if on_gpu else (lambda: None)
 
     model = torch_baseline.get_model(model_name, NUM_CLASSES).to(dev)
-    opt = torch_baseline.make_sgd(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    images, labels = _random_batch(batch_size, seed)
+    images, labels = _random_batch(batch_size, seed, image_shape(model_name))
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dev)
+    model, x = torch_baseline.prepare(model, x, variant)
+    opt = torch_baseline.make_sgd(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     y = torch.from_numpy(labels.astype(np.int64)).to(dev)
     autocast = torch.bfloat16 if dtype == "bfloat16" else None
 
@@ -286,7 +399,7 @@ def bench_torch(
 
     sync()
     start = time.perf_counter()
-    loss = step()  # cudnn.benchmark autotunes here
+    loss = step()  # cudnn.benchmark autotunes here; torch.compile compiles here
     sync()
     first_call_s = time.perf_counter() - start
     for _ in range(warmup - 1):
@@ -314,6 +427,12 @@ def bench_torch(
         devices_used=1,
         device_name=info.get("device_name", platform.processor() or "cpu"),
         framework_info=info,
+        variant_note={
+            "eager": "conventional eager step, NCHW",
+            "channels_last": "eager, model and batch in channels_last memory format",
+            "compile": "channels_last, torch.compile(model) (default mode); attack loop and "
+            "optimizer eager",
+        }[variant],
         dtype_note=(
             "torch.autocast(bfloat16) forward passes; params and updates float32"
             if dtype == "bfloat16"
@@ -326,18 +445,33 @@ def bench_torch(
 # --------------------------------------------------------------------------- driver
 
 
-def _run_one(framework: str, model: str, dtype: str, args: argparse.Namespace) -> dict:
+def _run_one(
+    framework: str, model: str, dtype: str, args: argparse.Namespace, variant: str | None = None
+) -> dict:
     """Runs one benchmark in this process; never raises (errors go in the result)."""
-    result = {"framework": framework, "model": model, "dtype": dtype}
+    if framework == "torch" and variant is None:
+        variant = "eager"
+    result = {"framework": framework, "model": model, "dtype": dtype, "variant": variant}
     result.update(batch_size=args.batch_size, warmup=args.warmup, isolated=args.child is not None)
     try:
         if framework == "jax":
-            out = bench_jax(model, args.batch_size, args.steps, args.warmup, dtype, args.seed)
+            out = bench_jax(
+                model, args.batch_size, args.steps, args.warmup, dtype, args.seed, args.flops
+            )
         else:
             out = bench_torch(
-                model, args.batch_size, args.steps, args.warmup, dtype, args.seed, args.device
+                model,
+                args.batch_size,
+                args.steps,
+                args.warmup,
+                dtype,
+                args.seed,
+                args.device,
+                variant,
             )
         result.update(out)
+        if framework == "jax" and args.flops:
+            result.update(mfu_figures(result, dtype, args.peak_tflops))
     except Exception:  # a failed pair must not lose the others' numbers
         result["error"] = traceback.format_exc()
         print(result["error"], file=sys.stderr)
@@ -357,7 +491,9 @@ def _child_env(framework: str, device: str) -> dict:
     return env
 
 
-def _run_isolated(framework: str, model: str, dtype: str, args: argparse.Namespace) -> dict:
+def _run_isolated(
+    framework: str, model: str, dtype: str, args: argparse.Namespace, variant: str | None = None
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [
@@ -372,8 +508,19 @@ def _run_isolated(framework: str, model: str, dtype: str, args: argparse.Namespa
             f"--seed={args.seed}",
             f"--device={args.device}",
             f"--out={out}",
+            "--flops" if args.flops else "--no-flops",
         ]
-        failed = {"framework": framework, "model": model, "dtype": dtype, "isolated": True}
+        if variant is not None:
+            cmd.append(f"--torch-variant={variant}")
+        if args.peak_tflops is not None:
+            cmd.append(f"--peak-tflops={args.peak_tflops}")
+        failed = {
+            "framework": framework,
+            "model": model,
+            "dtype": dtype,
+            "variant": variant,
+            "isolated": True,
+        }
         start = time.perf_counter()
         try:
             proc = subprocess.run(
@@ -393,65 +540,96 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _framework_label(result: dict) -> str:
+    variant = result.get("variant")
+    return result["framework"] + (f" ({variant})" if variant else "")
+
+
+def _per_example(result: dict, key: str) -> float | None:
+    value = result.get(key)
+    return None if value is None else value / result["batch_size"] / 1e9
+
+
+def _mfu_text(result: dict) -> str:
+    if result.get("mfu") is None:
+        return "-"
+    text = f"{100 * result['mfu']:.1f}%"
+    if result.get("mfu_tf32") is not None:
+        text += f" (TF32 peak: {100 * result['mfu_tf32']:.1f}%)"
+    return text
+
+
 def _memory_kind(result: dict) -> str:
     return "host RSS" if "RSS" in result["peak_memory_source"] else "device allocator"
 
 
 def _ratios(results: list[dict]) -> list[dict]:
-    """JAX / PyTorch throughput and memory, per (model, dtype) where both ran."""
-    ok = {(r["framework"], r["model"], r["dtype"]): r for r in results if "error" not in r}
+    """JAX / PyTorch throughput and memory, per (model, dtype, PyTorch variant) where both ran."""
+    ok = [r for r in results if "error" not in r]
     rows = []
-    for (fw, model, dtype), jax_r in ok.items():
-        torch_r = ok.get(("torch", model, dtype))
-        if fw != "jax" or torch_r is None:
+    for jax_r in ok:
+        if jax_r["framework"] != "jax":
             continue
-        rows.append(
-            {
-                "model": model,
-                "dtype": dtype,
-                "throughput_ratio_jax_over_torch": jax_r["examples_per_s"]
-                / torch_r["examples_per_s"],
-                "peak_memory_ratio_jax_over_torch": jax_r["peak_memory_bytes"]
-                / torch_r["peak_memory_bytes"],
-                "memory_sources_comparable": _memory_kind(jax_r) == _memory_kind(torch_r),
-            }
-        )
+        for torch_r in ok:
+            if torch_r["framework"] != "torch" or (torch_r["model"], torch_r["dtype"]) != (
+                jax_r["model"],
+                jax_r["dtype"],
+            ):
+                continue
+            rows.append(_ratio_row(jax_r, torch_r))
     return rows
+
+
+def _ratio_row(jax_r: dict, torch_r: dict) -> dict:
+    return {
+        "model": jax_r["model"],
+        "dtype": jax_r["dtype"],
+        "torch_variant": torch_r.get("variant") or "eager",
+        "throughput_ratio_jax_over_torch": jax_r["examples_per_s"] / torch_r["examples_per_s"],
+        "peak_memory_ratio_jax_over_torch": jax_r["peak_memory_bytes"]
+        / torch_r["peak_memory_bytes"],
+        "memory_sources_comparable": _memory_kind(jax_r) == _memory_kind(torch_r),
+    }
 
 
 def markdown(results: list[dict], ratios: list[dict]) -> str:
     """The results and ratios as Markdown tables."""
     lines = [
         "| model | framework | dtype | device | examples/s | ms/step | peak memory (MiB) "
-        "| memory source | first call (s) |",
-        "|---|---|---|---|---:|---:|---:|---|---:|",
+        "| memory source | first call (s) | GFLOP/example (analytic) | XLA / analytic, loop once "
+        "| TFLOP/s | MFU |",
+        "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "error" in r:
             err = r["error"].strip().splitlines()[-1][:80]
             lines.append(
-                f"| {r['model']} | {r['framework']} | {r['dtype']} | failed: {err} "
-                "| - | - | - | - | - |"
+                f"| {r['model']} | {_framework_label(r)} | {r['dtype']} | failed: {err} "
+                "| - | - | - | - | - | - | - | - | - |"
             )
             continue
         mem = r["peak_memory_bytes"] / 2**20
         lines.append(
-            f"| {r['model']} | {r['framework']} | {r['dtype']} | {r['device_name']} "
+            f"| {r['model']} | {_framework_label(r)} | {r['dtype']} | {r['device_name']} "
             f"| {r['examples_per_s']:.1f} | {r['ms_per_step']:.1f} | {mem:.0f} "
-            f"| {r['peak_memory_source']} | {_fmt(r.get('first_call_s'), '.1f')} |"
+            f"| {r['peak_memory_source']} | {_fmt(r.get('first_call_s'), '.1f')} "
+            f"| {_fmt(_per_example(r, 'flops_analytic'), '.2f')} "
+            f"| {_fmt(r.get('flops_xla_over_analytic_loop_once'), '.2f')} "
+            f"| {_fmt(r.get('achieved_tflops'), '.3g')} | {_mfu_text(r)} |"
         )
     if ratios:
         lines += [
             "",
-            "| model | dtype | throughput JAX / PyTorch | peak memory JAX / PyTorch |",
-            "|---|---|---:|---:|",
+            "| model | dtype | PyTorch variant | throughput JAX / PyTorch "
+            "| peak memory JAX / PyTorch |",
+            "|---|---|---|---:|---:|",
         ]
         for q in ratios:
             mem = f"{q['peak_memory_ratio_jax_over_torch']:.2f}"
             if not q["memory_sources_comparable"]:
                 mem += " (different sources)"
             lines.append(
-                f"| {q['model']} | {q['dtype']} "
+                f"| {q['model']} | {q['dtype']} | {q['torch_variant']} "
                 f"| {q['throughput_ratio_jax_over_torch']:.2f} | {mem} |"
             )
     return "\n".join(lines)
@@ -485,7 +663,11 @@ def _split(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: %(default)s")
+    p.add_argument(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help=f"comma-separated, of {', '.join(MODELS)} (default %(default)s)",
+    )
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated")
     p.add_argument("--batch-size", type=int, default=128, help="global batch (all devices)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
@@ -505,17 +687,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="one subprocess per (model, framework) so memory figures do not mix",
     )
+    p.add_argument(
+        "--flops",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="count the JAX step's FLOPs (analytic and XLA's) and report MFU; costs one "
+        "more compilation after the timing",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="one device's peak TFLOP/s for the run's dtype, for MFU; default: the "
+        "datasheet figure of a known GPU (H100 SXM, H200), none elsewhere",
+    )
     p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per subprocess")
+    p.add_argument(
+        "--torch-variant",
+        default="eager",
+        help=f"comma-separated PyTorch baselines, of {', '.join(TORCH_VARIANTS)}: the "
+        "conventional eager step, + channels_last memory format, + torch.compile "
+        "(default %(default)s)",
+    )
     p.add_argument("--child", choices=FRAMEWORKS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         args.models = _split(args.models, MODELS, "--models")
         args.frameworks = _split(args.frameworks, FRAMEWORKS, "--frameworks")
         args.dtypes = _split(args.dtype, DTYPES, "--dtype")
+        args.torch_variants = _split(args.torch_variant, TORCH_VARIANTS, "--torch-variant")
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
     if args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
         p.error("--steps, --warmup and --batch-size must be >= 1")
+    if args.peak_tflops is not None and not (
+        math.isfinite(args.peak_tflops) and args.peak_tflops > 0
+    ):
+        p.error(f"--peak-tflops must be a positive number of TFLOP/s; got {args.peak_tflops}")
     return args
 
 
@@ -524,13 +732,14 @@ def _report(args: argparse.Namespace, results: list[dict]) -> dict:
         "benchmark": "PGD-10 adversarial training step (PGD-AT), CIFAR-shaped random data",
         "settings": {
             "batch_size": args.batch_size,
-            "image_shape_hwc": list(IMAGE_SHAPE),
+            "image_shape_hwc": {m: list(image_shape(m)) for m in args.models},
             "num_classes": NUM_CLASSES,
             "attack": {"eps": EPS, "step_size": STEP_SIZE, "steps": PGD_STEPS, "norm": "linf"},
             "optimizer": {"lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
             "timed_steps": args.steps,
             "warmup_steps": args.warmup,
             "dtypes": args.dtypes,
+            "torch_variants": args.torch_variants if "torch" in args.frameworks else [],
             "device": args.device,
             "isolate": args.isolate,
             "seed": args.seed,
@@ -542,11 +751,26 @@ def _report(args: argparse.Namespace, results: list[dict]) -> dict:
     }
 
 
+def _write_json(path: str, obj) -> None:
+    """Writes ``obj`` as JSON atomically: a temporary file beside ``path``, then a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.child is not None:  # a subprocess of the driver below: one pair, JSON out
-        result = _run_one(args.child, args.models[0], args.dtypes[0], args)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        variant = args.torch_variants[0] if args.child == "torch" else None
+        result = _run_one(args.child, args.models[0], args.dtypes[0], args, variant)
+        _write_json(args.out, result)
         return result
 
     if not args.isolate and "jax" in args.frameworks:
@@ -555,14 +779,16 @@ def main(argv: list[str] | None = None) -> dict:
     for dtype in args.dtypes:
         for model in args.models:
             for framework in args.frameworks:
-                print(f"== {model} / {framework} / {dtype}", file=sys.stderr, flush=True)
-                run = _run_isolated if args.isolate else _run_one
-                results.append(run(framework, model, dtype, args))
-                # Written after every pair, so a run cut short keeps what it measured.
-                report = _report(args, results)
-                if args.out:
-                    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.out).write_text(json.dumps(report, indent=2))
+                variants = args.torch_variants if framework == "torch" else [None]
+                for variant in variants:
+                    label = framework + (f" ({variant})" if variant else "")
+                    print(f"== {model} / {label} / {dtype}", file=sys.stderr, flush=True)
+                    run = _run_isolated if args.isolate else _run_one
+                    results.append(run(framework, model, dtype, args, variant))
+                    # Written after every pair, so a run cut short keeps what it measured.
+                    report = _report(args, results)
+                    if args.out:
+                        _write_json(args.out, report)
     print(markdown(results, report["ratios"]))
     if args.out:
         print(f"wrote {args.out}", file=sys.stderr)

@@ -38,8 +38,16 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "Several processes: this process's id, 0 .. num_processes - 1."
 )
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    "Folder of JAX's persistent compilation cache, or 'off'. Default: the environment "
+    "variable JAX_MEMAT_COMPILATION_CACHE, else JAX_COMPILATION_CACHE_DIR, else "
+    "$XDG_CACHE_HOME/jax_memat/jax_compilation_cache (~/.cache without XDG_CACHE_HOME).",
+)
 _HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--help=true", "--helpfull=true")
 
+from jax_memat.experiment import compile_cache  # noqa: E402
 from jax_memat.experiment.errors import (  # noqa: E402
     EXIT_BAD_INPUT,
     EXIT_DATA,
@@ -179,6 +187,11 @@ def run(main: Callable[[list[str]], None], *, multiprocess: bool = True) -> None
         if not flags.FLAGS["verbosity"].present:
             # Orbax and absl are chatty at INFO; progress goes to the bars instead.
             logging.set_verbosity(logging.WARNING)
+        # Before anything compiles: a second run of the same command loads the compiled
+        # train step, evaluation and attacks instead of compiling them again.
+        compile_cache.enable_compilation_cache(
+            compile_cache.resolve_cache_dir(_COMPILATION_CACHE.value)
+        )
         start_processes(multiprocess=multiprocess)
         try:
             main(argv)

@@ -1,0 +1,159 @@
+"""Smoke tests of benchmarks/: FLOP counts, MFU and a tiny CPU run of train_throughput.py."""
+
+import importlib.util
+import math
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _load(name):
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+flops = _load("flops")
+throughput = _load("train_throughput")
+
+
+def test_xla_flops_accepts_every_cost_analysis_form():
+    assert flops.xla_flops({"flops": 7.0, "bytes accessed": 3.0}) == 7.0
+    assert flops.xla_flops([{"flops": 2.0}, {"flops": 5.0}]) == 7.0  # older JAX: a list
+    assert flops.xla_flops(None) is None
+    assert flops.xla_flops([]) is None
+    assert flops.xla_flops([{"bytes accessed": 1.0}]) is None  # no flops key
+    assert flops.xla_flops({"flops": -1.0}) is None  # XLA's "unknown"
+
+
+def test_known_peaks_and_utilization():
+    h200 = flops.known_peak_tflops("NVIDIA H200")
+    assert h200 == {"bfloat16": 989.4, "tf32": 494.7, "float32": 66.9}
+    assert flops.known_peak_tflops("NVIDIA H100 80GB HBM3") == h200
+    assert flops.known_peak_tflops("NVIDIA H100 PCIe") is None  # other clocks: not guessed
+    assert flops.known_peak_tflops("cpu") is None
+    # 2e12 FLOP/step at 50 steps/s on 2 devices of 100 TFLOP/s: 1e14 / 2e14.
+    assert flops.utilization(2e12, 50.0, 100.0, 2) == pytest.approx(0.5, rel=1e-12)
+    assert flops.utilization(None, 50.0, 100.0, 1) is None
+    assert flops.utilization(1.0, 50.0, None, 1) is None
+
+
+def test_step_formula_and_bad_input():
+    # k attack steps of 2F, a training step of 3F - F1, per example.
+    assert flops.pgd_at_step_flops(100.0, 10.0, 10, 4) == 4 * (23 * 100.0 - 10.0)
+    assert flops.pgd_at_step_flops(100.0, 10.0, 0, 1) == 290.0
+    with pytest.raises(ValueError, match="first_layer"):
+        flops.pgd_at_step_flops(1.0, 2.0, 10, 1)
+
+
+def test_conv_and_dense_counts_match_their_formulas():
+    import jax
+    import jax.numpy as jnp
+
+    def f(x, w, m):
+        y = jax.lax.conv_general_dilated(
+            x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return y.reshape(y.shape[0], -1) @ m
+
+    x, w, m = jnp.ones((3, 9, 9, 4)), jnp.ones((3, 3, 4, 6)), jnp.ones((5 * 5 * 6, 7))
+    counts = flops.matmul_flops(jax.make_jaxpr(f)(x, w, m))
+    # Output 5x5x6 per example, 3*3*4 multiply-adds each; then 150 x 7 per example.
+    assert counts == [2.0 * 3 * 5 * 5 * 6 * (3 * 3 * 4), 2.0 * 3 * 150 * 7]
+
+
+def test_small_cnn_forward_count_from_its_architecture():
+    import jax
+
+    from jax_memat.models import get_model, init_model, make_apply_fn
+
+    module = get_model("small_cnn", 10)
+    variables = init_model(module, jax.random.key(0), (28, 28, 1))
+    forward, first = flops.forward_flops(make_apply_fn(module), variables, (28, 28, 1))
+    # conv 3x3/2 1->32 (14x14 out), conv 3x3/2 32->64 (7x7), max pool to 4x4,
+    # dense 1024->128, dense 128->10 (small_cnn.py).
+    conv1 = 2 * 14 * 14 * 32 * (3 * 3 * 1)
+    conv2 = 2 * 7 * 7 * 64 * (3 * 3 * 32)
+    dense = 2 * (4 * 4 * 64) * 128 + 2 * 128 * 10
+    assert (forward, first) == (conv1 + conv2 + dense, conv1)
+
+
+def test_train_throughput_small_cnn_cpu_counts_and_mfu(capsys):
+    report = throughput.main(
+        [
+            "--models=small_cnn",
+            "--frameworks=jax",
+            "--batch-size=16",
+            "--steps=1",
+            "--warmup=1",
+            "--device=cpu",
+            "--no-isolate",
+            "--peak-tflops=0.5",
+        ]
+    )
+    (r,) = report["results"]
+    assert "error" not in r, r.get("error")
+    assert r["examples_per_s"] > 0 and math.isfinite(r["final_loss"])
+    assert report["settings"]["image_shape_hwc"] == {"small_cnn": [28, 28, 1]}
+    assert r["flops_analytic"] == flops.pgd_at_step_flops(
+        r["flops_forward_per_example"], r["flops_first_layer_per_example"], 10, 16
+    )
+    # XLA counts a loop's body once, so it is compared with the step with one attack
+    # iteration; it adds the elementwise work (BatchNorm, ReLU, the attack's sign and
+    # projection, SGD) and leaves out the padded border of every convolution, and the
+    # simulated devices add their collectives: 0.97-1.03 measured, far from the 23/5
+    # a count of all ten iterations would give.
+    assert 0.85 <= r["flops_xla_over_analytic_loop_once"] <= 1.3
+    expected_mfu = r["flops_analytic"] * (1e3 / r["ms_per_step"]) / (0.5e12 * r["devices_used"])
+    assert r["mfu"] == pytest.approx(expected_mfu, rel=1e-9)
+    assert r["peak_tflops_source"] == "--peak-tflops"
+    out = capsys.readouterr().out
+    assert f"{100 * r['mfu']:.1f}%" in out
+
+
+def test_peak_tflops_flag_refuses_nonsense():
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--peak-tflops=-3"])
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--models=small_cnn,vgg"])
+
+
+def test_train_throughput_torch_variants_side_by_side(capsys):
+    pytest.importorskip("torch")  # the optional bench dependency
+    report = throughput.main(
+        [
+            "--models=small_cnn",
+            "--frameworks=jax,torch",
+            "--torch-variant=eager,channels_last",
+            "--batch-size=16",
+            "--steps=1",
+            "--warmup=1",
+            "--device=cpu",
+            "--no-isolate",
+            "--no-flops",
+        ]
+    )
+    errors = [r["error"] for r in report["results"] if "error" in r]
+    assert not errors, errors
+    assert [(r["framework"], r["variant"]) for r in report["results"]] == [
+        ("jax", None),
+        ("torch", "eager"),
+        ("torch", "channels_last"),
+    ]
+    assert [q["torch_variant"] for q in report["ratios"]] == ["eager", "channels_last"]
+    for q, torch_r in zip(report["ratios"], report["results"][1:], strict=True):
+        jax_r = report["results"][0]
+        expected = jax_r["examples_per_s"] / torch_r["examples_per_s"]
+        assert q["throughput_ratio_jax_over_torch"] == pytest.approx(expected, rel=1e-12)
+    assert "torch (channels_last)" in capsys.readouterr().out
+
+
+def test_torch_variant_flag_refuses_unknown():
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--torch-variant=eager,fast"])
