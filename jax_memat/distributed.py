@@ -30,10 +30,19 @@ import numpy as np
 
 # Where a cluster launcher is recognised from its documented environment
 # variables: SLURM's srun, Open MPI's mpirun. (JAX reads the same ones.)
-_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
+_SLURM_VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+)
 _OMPI_VARS = ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")
-# Device files of a Cloud TPU VM; JAX then asks the VM's metadata for the slice.
-_TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
+# A Cloud TPU VM is recognised as JAX recognises it: a PCI device of Google's
+# vendor id (a /dev/vfio entry alone is also on GPU hosts that use VFIO). JAX then
+# asks the VM's metadata for the slice.
+_PCI_DEVICES = "/sys/bus/pci/devices"
+_GOOGLE_PCI_VENDOR = "0x1ae0"
 
 
 def check_arguments(
@@ -121,9 +130,24 @@ def detect_cluster() -> str | None:
         return "slurm"
     if all(v in env for v in _OMPI_VARS) and _count(env["OMPI_COMM_WORLD_SIZE"]) > 1:
         return "openmpi"
-    if "TPU_SKIP_MDS_QUERY" not in env and any(os.path.exists(p) for p in _TPU_DEVICE_FILES):
+    if "TPU_SKIP_MDS_QUERY" not in env and _google_pci_device():
         return "tpu"
     return None
+
+
+def _google_pci_device() -> bool:
+    try:
+        devices = os.listdir(_PCI_DEVICES)
+    except OSError:
+        return False
+    for device in devices:
+        try:
+            with open(os.path.join(_PCI_DEVICES, device, "vendor")) as f:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _count(value: str) -> int:

@@ -10,6 +10,7 @@ replicated one, a share of the memory).
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 from jax_memat import distributed
 from jax_memat.experiment import default_config
@@ -27,6 +28,7 @@ CLUSTER_VARS = (
     "SLURM_STEP_NODELIST",
     "SLURM_NTASKS",
     "SLURM_PROCID",
+    "SLURM_LOCALID",
     "OMPI_MCA_orte_hnp_uri",
     "OMPI_COMM_WORLD_SIZE",
     "OMPI_COMM_WORLD_RANK",
@@ -38,7 +40,7 @@ def no_cluster(monkeypatch):
     """An environment without any launcher JAX could detect."""
     for name in CLUSTER_VARS:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(distributed, "_TPU_DEVICE_FILES", ())
+    monkeypatch.setattr(distributed, "_PCI_DEVICES", "/nonexistent-pci-devices")
 
 
 @pytest.mark.parametrize(
@@ -96,6 +98,11 @@ def test_cluster_detection_from_the_launchers_variables(no_cluster, monkeypatch)
     slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "0"}
     for k, v in slurm.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    # JAX's SLURM detection also needs SLURM_LOCALID; without it, it is not a launch.
+    assert distributed.detect_cluster() is None
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    slurm["SLURM_LOCALID"] = "0"
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert distributed.detect_cluster() is None  # one task: one process, nothing to start
     monkeypatch.setenv("SLURM_NTASKS", "2")
@@ -109,6 +116,21 @@ def test_cluster_detection_from_the_launchers_variables(no_cluster, monkeypatch)
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     assert distributed.detect_cluster() == "openmpi"
+
+
+def test_tpu_detection_reads_the_pci_vendor(no_cluster, monkeypatch, tmp_path):
+    # A VFIO device of another vendor (a GPU host) is not a TPU; Google's vendor id is.
+    monkeypatch.setattr(distributed, "_PCI_DEVICES", str(tmp_path))
+    # JAX sets TPU_SKIP_MDS_QUERY on hosts it finds without a TPU (this one).
+    monkeypatch.delenv("TPU_SKIP_MDS_QUERY", raising=False)
+    (tmp_path / "0000:00:04.0").mkdir()
+    (tmp_path / "0000:00:04.0" / "vendor").write_text("0x10de\n")
+    assert distributed.detect_cluster() is None
+    (tmp_path / "0000:00:05.0").mkdir()
+    (tmp_path / "0000:00:05.0" / "vendor").write_text("0x1ae0\n")
+    assert distributed.detect_cluster() == "tpu"
+    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
+    assert distributed.detect_cluster() is None
 
 
 def test_collectives_in_one_process():
@@ -228,6 +250,10 @@ def test_a_table_that_does_not_split_evenly_stays_whole_with_a_warning(tmp_path,
     config.dataset.num_train_examples = 96
     _check_resources(config, str(tmp_path / "run"), make_mesh())
     assert "do not split" not in capsys.readouterr().err
+    # The warning speaks for the layout the state gets: 100 rows stay whole, 96 are split.
+    for rows, spec in ((100, PartitionSpec()), (96, PartitionSpec("data"))):
+        table = {"t": np.zeros((rows, 10), np.float32)}
+        assert state_shardings(table, make_mesh(), 0)["t"].spec == spec
 
 
 def test_memory_estimate_counts_this_devices_part_of_a_split_table():

@@ -48,6 +48,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from jax_memat.analysis.grad_stats import summarize_epoch
 from jax_memat.analysis.plots_gradients import GRAD_PLOT_FILE, plot_gradient_stats
@@ -94,7 +95,7 @@ from jax_memat.experiment.workdir import (
     warn,
     write_json,
 )
-from jax_memat.parallel import make_mesh, replicate, shard_batch, to_host
+from jax_memat.parallel import make_mesh, replicate, shard_batch, state_shardings, to_host
 from jax_memat.training.state import TrainState
 from jax_memat.training.train_step import make_train_step
 
@@ -324,7 +325,9 @@ def _check_resources(config, workdir: str, mesh) -> None:
     min_bytes = shard_min_bytes(config)
     table_bytes = 4 * num_train * num_classes
     large = config.te.enabled and min_bytes is not None and table_bytes >= min_bytes
-    split = large and num_train % n == 0
+    # Whether the table is split is the layout rule's answer, asked on its shape alone.
+    table = jax.ShapeDtypeStruct((num_train, num_classes), np.float32)
+    split = large and state_shardings(table, mesh, min_bytes).spec != PartitionSpec()
     if large and not split:
         _warn_once(
             f"The TE table ({num_train} x {num_classes}) reaches parallel.shard_table_mib but "

@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from jax_memat.models import init_model
-from jax_memat.parallel import place, replicate, replicated, state_shardings
+from jax_memat.parallel import place, replicated, state_shardings
 
 
 @flax.struct.dataclass
@@ -88,8 +88,7 @@ def create_train_state(
     )
     if mesh is None:
         return state
-    if shard_min_bytes is None:
-        return replicate(state, mesh)
+    # state_shardings(..., None) replicates every leaf: one placement path.
     shardings = jax.tree.map(lambda _: replicated(mesh), state)
     shardings = shardings.replace(
         objective_state=state_shardings(state.objective_state, mesh, shard_min_bytes)
