@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import runpy
 import subprocess
 import sys
@@ -31,7 +30,17 @@ import tempfile
 import time
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
+_HERE = Path(__file__).resolve().parent
+_ROOT = _HERE.parent
+# The working tree's library (this process runs jax_memat.main) and the sibling
+# benchmark's host description.
+for _path in (str(_ROOT), str(_HERE)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+from train_throughput import _host_info  # noqa: E402
+
+from jax_memat.fileio import atomic_write  # noqa: E402
+
 DEFAULT_MAIN_ARGS = ("--config=configs/quickstart.py", "--config.epochs=1")
 # jax._src.dispatch's event names (stable since JAX 0.4.x; read as strings so that
 # nothing private is imported).
@@ -73,10 +82,8 @@ def _child(out: str, main_args: list[str]) -> None:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     result = {"exit_code": code, "in_process_s": time.perf_counter() - start, **totals, **counts}
     result["compile_total_s"] = sum(totals.values())
-    tmp = f"{out}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(out) as f:
         json.dump(result, f)
-    os.replace(tmp, out)
 
 
 def _run_child(label: str, cache: str, main_args: list[str], scratch: Path, timeout: float):
@@ -111,20 +118,10 @@ def _versions() -> dict:
     import jax
     import jaxlib
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
+        **_host_info(),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
         "load_average_at_start": list(os.getloadavg()),
     }
 
@@ -177,9 +174,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = f"{args.out}.tmp"
-        Path(tmp_out).write_text(json.dumps(report, indent=2))
-        os.replace(tmp_out, args.out)
+        with atomic_write(args.out) as f:
+            json.dump(report, f, indent=2)
     return report
 
 

@@ -108,8 +108,9 @@ def test_train_throughput_small_cnn_cpu_counts_and_mfu(capsys):
     # iteration; it adds the elementwise work (BatchNorm, ReLU, the attack's sign and
     # projection, SGD) and leaves out the padded border of every convolution, and the
     # simulated devices add their collectives: 0.97-1.03 measured, far from the 23/5
-    # a count of all ten iterations would give.
-    assert 0.85 <= r["flops_xla_over_analytic_loop_once"] <= 1.3
+    # a count of all ten iterations would give. The band leaves room for XLA:CPU's
+    # fusion choices on other instruction sets while still telling 1 from 4.6.
+    assert 0.5 <= r["flops_xla_over_analytic_loop_once"] <= 2.5
     expected_mfu = r["flops_analytic"] * (1e3 / r["ms_per_step"]) / (0.5e12 * r["devices_used"])
     assert r["mfu"] == pytest.approx(expected_mfu, rel=1e-9)
     assert r["peak_tflops_source"] == "--peak-tflops"

@@ -13,14 +13,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_default_dir_under_xdg_cache_home_or_home_cache(tmp_path):
     xdg = str(tmp_path / "xdg")
     assert cc.default_cache_dir({"XDG_CACHE_HOME": xdg}) == os.path.join(
-        xdg, "jax_memat", "jax_compilation_cache"
+        xdg, "jax_memat", "jax_compilation_cache", cc.cpu_kind()
     )
     home = os.path.expanduser("~")
     assert cc.default_cache_dir({}) == os.path.join(
-        os.path.abspath(home), ".cache", "jax_memat", "jax_compilation_cache"
+        os.path.abspath(home), ".cache", "jax_memat", "jax_compilation_cache", cc.cpu_kind()
     )
     # Never inside the repository (the default, whatever the working directory).
     assert not cc.default_cache_dir({}).startswith(ROOT + os.sep)
+
+
+def test_cpu_kind_separates_instruction_sets(tmp_path):
+    # Same extensions in another order: one kind; one extension more (avx512f): another.
+    files = {}
+    for name, flags in (
+        ("a", "fpu sse2 avx2"),
+        ("b", "avx2 fpu sse2"),
+        ("c", "fpu sse2 avx2 avx512f"),
+    ):
+        path = tmp_path / name
+        path.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        files[name] = cc.cpu_kind(str(path))
+    assert files["a"] == files["b"] != files["c"]
 
 
 def test_resolution_order(tmp_path):

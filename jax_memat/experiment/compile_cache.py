@@ -10,8 +10,12 @@ default, in a folder of the user's cache directory, never in the repository:
 1. ``--compilation_cache=DIR`` or ``--compilation_cache=off`` on the command line;
 2. else the environment variable ``JAX_MEMAT_COMPILATION_CACHE`` (a folder or ``off``);
 3. else JAX's own ``JAX_COMPILATION_CACHE_DIR`` where set (left as it is);
-4. else ``$XDG_CACHE_HOME/jax_memat/jax_compilation_cache`` (``~/.cache`` when
-   ``XDG_CACHE_HOME`` is unset).
+4. else ``$XDG_CACHE_HOME/jax_memat/jax_compilation_cache/<cpu>`` (``~/.cache``
+   when ``XDG_CACHE_HOME`` is unset), where ``<cpu>`` names this CPU's
+   architecture and instruction-set extensions: JAX's cache key names a CPU
+   backend only as "cpu", and XLA loads a program compiled for other
+   extensions with a logged error (then possibly an illegal instruction), so
+   a home folder shared by Intel and AMD nodes keeps one cache per kind.
 
 A folder that cannot be created or written is a warning and the run goes on
 without the cache. JAX treats the cache as trusted code: do not point it at a
@@ -24,7 +28,9 @@ points, not in the library below (which has no global state).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -40,8 +46,32 @@ OFF_VALUES = ("off", "none", "false", "0", "no")
 MIN_COMPILE_TIME_S = 0.2
 
 
+def cpu_kind(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """``<machine>-<12 hex digits>``: the architecture and a hash of the CPU's feature flags.
+
+    Two CPUs with the same instruction-set extensions get the same name
+    (compiled programs are interchangeable between them); where the flags
+    cannot be read (not Linux) the hash is of the processor's description.
+
+    Example:
+      >>> cpu_kind()  # doctest: +SKIP
+      'x86_64-3f9c2a0b71de'
+    """
+    flags = platform.processor()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                    break
+    except OSError:
+        pass
+    digest = hashlib.sha1(flags.encode()).hexdigest()[:12]
+    return f"{platform.machine() or 'cpu'}-{digest}"
+
+
 def default_cache_dir(environ: Mapping[str, str] | None = None) -> str:
-    """The default cache folder: under ``XDG_CACHE_HOME`` (or ``~/.cache``), in ``jax_memat``.
+    """The default cache folder: under ``XDG_CACHE_HOME`` (or ``~/.cache``), one per CPU kind.
 
     Args:
       environ: the environment to read (default ``os.environ``).
@@ -50,12 +80,12 @@ def default_cache_dir(environ: Mapping[str, str] | None = None) -> str:
       An absolute path (not created here).
 
     Example:
-      >>> default_cache_dir({"XDG_CACHE_HOME": "/var/cache/me"})
-      '/var/cache/me/jax_memat/jax_compilation_cache'
+      >>> default_cache_dir({"XDG_CACHE_HOME": "/var/cache/me"})  # doctest: +ELLIPSIS
+      '/var/cache/me/jax_memat/jax_compilation_cache/x86_64-...'
     """
     environ = os.environ if environ is None else environ
     base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(os.path.abspath(base), "jax_memat", "jax_compilation_cache")
+    return os.path.join(os.path.abspath(base), "jax_memat", "jax_compilation_cache", cpu_kind())
 
 
 def resolve_cache_dir(value: str | None, environ: Mapping[str, str] | None = None) -> str | None:
