@@ -47,3 +47,17 @@ def train_mlp(x, y, num_classes, *, seed, hidden=32, steps=300, learning_rate=1e
         return jax.lax.scan(body, (params, opt.init(params)), None, length=steps)[0][0]
 
     return {"params": train(params)}
+
+
+class StopAtStep(Exception):
+    """Raised by ``stop_at_step``'s hook: stands for a crash at a known step."""
+
+
+def stop_at_step(step_to_stop):
+    """A training hook that raises ``StopAtStep`` after step ``step_to_stop``."""
+
+    def hook(step, state, metrics, per_example):
+        if step == step_to_stop:
+            raise StopAtStep
+
+    return hook

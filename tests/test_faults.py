@@ -37,21 +37,10 @@ from jax_memat.experiment import (
 from jax_memat.experiment.checkpoints import UnreadableCheckpointError
 from jax_memat.experiment.metrics import TIMING_FIELDS
 from jax_memat.experiment.workdir import WorkdirLock
+from tests.helpers import StopAtStep, stop_at_step
 from tests.test_run import REPO, snapshot, tiny_config
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-class _Kill(Exception):
-    pass
-
-
-def _kill_at(step_to_kill):
-    def hook(step, state, metrics, per_example):
-        if step == step_to_kill:
-            raise _Kill
-
-    return hook
 
 
 def _strip(rows):
@@ -81,8 +70,8 @@ def assert_same_run(workdir, reference):
 
 def _killed_in_epoch_three(workdir):
     """A run stopped during epoch 3: latest keeps epochs 1 and 2 (steps 3 and 6)."""
-    with pytest.raises(_Kill):
-        train_and_evaluate(tiny_config(epochs=3), workdir, hooks=[_kill_at(8)])
+    with pytest.raises(StopAtStep):
+        train_and_evaluate(tiny_config(epochs=3), workdir, hooks=[stop_at_step(8)])
     ckpts = RunCheckpoints(workdir)
     try:
         assert ckpts.steps("latest") == [3, 6]

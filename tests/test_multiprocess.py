@@ -44,7 +44,7 @@ import pytest
 from jax_memat.experiment import load_run, read_metrics, train_and_evaluate
 from jax_memat.experiment.metrics import TIMING_FIELDS
 from jax_memat.experiment.workdir import WorkdirLock
-from tests.helpers import F32_EPS
+from tests.helpers import F32_EPS, StopAtStep, stop_at_step
 from tests.test_run import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,18 +95,6 @@ def autoattack_of_mlp():
         n_iter=8,
         n_queries=30,
     )
-
-
-class _Stop(Exception):
-    pass
-
-
-def _stop_after(step_to_stop):
-    def hook(step, state, metrics, per_example):
-        if step == step_to_stop:
-            raise _Stop
-
-    return hook
 
 
 def _free_port() -> int:
@@ -176,8 +164,8 @@ def runs(tmp_path_factory):
     path = {name: str(root / name) for name in ("full", "chain", "locked")}
     assert jax.device_count() == 8, "conftest must simulate 8 CPU devices"
     train_and_evaluate(run_config(EPOCHS), path["full"])
-    with pytest.raises(_Stop):
-        train_and_evaluate(run_config(EPOCHS), path["chain"], hooks=[_stop_after(STOP_ONE)])
+    with pytest.raises(StopAtStep):
+        train_and_evaluate(run_config(EPOCHS), path["chain"], hooks=[stop_at_step(STOP_ONE)])
     assert [r["epoch"] for r in read_metrics(path["chain"])] == [1]
     os.makedirs(path["locked"])
     steps = [
