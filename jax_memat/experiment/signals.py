@@ -95,7 +95,9 @@ class StopSignals:
         if not (self.enabled and self.together):
             return
         mine = b"" if self._pending is None else str(self._pending).encode()
-        received = [int(v) for v in all_gather_bytes(mine) if v]
+        # A signal number has at most 3 digits: an 8-byte buffer, not the 64 KiB
+        # default, crosses the network at every logging interval.
+        received = [int(v) for v in all_gather_bytes(mine, max_bytes=8) if v]
         if received:
             self._pending = None
             raise RunInterrupted(received[0])
