@@ -33,12 +33,125 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 Dtype = Any
 
 _conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # U(-a, a) has variance a^2 / 3, so scale 1/3 gives a = 1/sqrt(fan_in).
 _dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _input_gradient_kernel(kernel: jax.Array, out_axis: int, in_axis: int) -> jax.Array:
+    """The kernel with its feature axes swapped, kept as its own array on the CPU.
+
+    The optimization barrier stops XLA from folding the transpose into the
+    convolution's dimension labels; elsewhere the plain transpose is left to
+    the compiler.
+    """
+    swapped = jnp.swapaxes(kernel, out_axis, in_axis)
+    return jax.lax.platform_dependent(
+        swapped, cpu=jax.lax.optimization_barrier, default=lambda k: k
+    )
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+) -> jax.Array:
+    """``jax.lax.conv_general_dilated`` whose input gradient runs fast in XLA:CPU loops.
+
+    The value and every derivative (forward and reverse mode, any order,
+    ``vmap``) are those of ``jax.lax.conv_general_dilated``; only the program
+    XLA sees differs. JAX differentiates a convolution with respect to its
+    input by a convolution with the flipped kernel read with its input and
+    output features swapped. Outside a loop XLA:CPU copies that kernel into
+    the layout its convolution kernels want; inside a ``while`` loop body
+    (the PGD attack's ``fori_loop``) it does not, and the convolution runs on
+    a slower path: a PGD-10 attack on PreActResNet-18 (batch 32, 2-core CPU)
+    took 1.7 s per step in a loop against 0.9 s unrolled. Here the tangent
+    with respect to the input uses a kernel whose feature axes were swapped
+    explicitly (behind an optimization barrier on the CPU, a copy of the
+    kernel per step, which is small), so the transposed convolution JAX
+    derives from it reads the kernel in the canonical layout.
+
+    Grouped convolutions are passed to ``jax.lax.conv_general_dilated``
+    unchanged.
+
+    Args:
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+      dimension_numbers, feature_group_count, batch_group_count, precision,
+      preferred_element_type: as for ``jax.lax.conv_general_dilated``.
+
+    Returns:
+      The convolution, as ``jax.lax.conv_general_dilated`` returns it.
+
+    Example:
+      >>> x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 5))
+      >>> dn = ("NHWC", "HWIO", "NHWC")
+      >>> y = conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
+      >>> bool(jnp.all(y == jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+      ...                                                   dimension_numbers=dn)))
+      True
+    """
+    options = dict(
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    if feature_group_count != 1 or batch_group_count != 1:
+        return jax.lax.conv_general_dilated(
+            lhs,
+            rhs,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count,
+            **options,
+        )
+    numbers = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    out_axis, in_axis, *spatial = numbers.rhs_spec
+    swapped_numbers = jax.lax.ConvDimensionNumbers(
+        numbers.lhs_spec, (in_axis, out_axis, *spatial), numbers.out_spec
+    )
+
+    def plain(x, k):
+        return jax.lax.conv_general_dilated(x, k, dimension_numbers=numbers, **options)
+
+    @jax.custom_jvp
+    def convolve(x, k):
+        return plain(x, k)
+
+    def convolve_jvp(primals, tangents):
+        x, k = primals
+        dx, dk = tangents
+        y = plain(x, k)
+        dy = None
+        if not isinstance(dx, SymbolicZero):
+            k_swapped = _input_gradient_kernel(k, out_axis, in_axis)
+            dy = jax.lax.conv_general_dilated(
+                dx, k_swapped, dimension_numbers=swapped_numbers, **options
+            )
+        if not isinstance(dk, SymbolicZero):
+            dy_k = plain(x, dk)
+            dy = dy_k if dy is None else dy + dy_k
+        if dy is None:
+            dy = jnp.zeros_like(y)
+        return y, dy
+
+    convolve.defjvp(convolve_jvp, symbolic_zeros=True)
+    return convolve(lhs, rhs)
 
 
 def conv(features: int, kernel_size: int, strides: int, dtype: Dtype, name: str) -> nn.Conv:
@@ -65,6 +178,7 @@ def conv(features: int, kernel_size: int, strides: int, dtype: Dtype, name: str)
         kernel_init=_conv_kernel_init,
         dtype=dtype,
         param_dtype=jnp.float32,
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 
