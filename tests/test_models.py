@@ -307,3 +307,20 @@ def test_small_cnn_width_multiplier():
     assert count(get_model("small_cnn", 10)) == 151_402
     with pytest.raises(ValueError, match="cnn_width must be a positive integer"):
         get_model("small_cnn", 10, cnn_width=0)
+
+
+@pytest.mark.parametrize("size", [(7, 7), (8, 6), (5, 8)])
+def test_small_cnn_pool_is_flax_max_pool(size):
+    from jax_memat.models.small_cnn import max_pool_2x2
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, *size, 3)), jnp.float32)
+
+    def flax_pool(x):
+        return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+
+    np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(flax_pool(x)))
+    # No ties in normal samples: the gradient goes to the same entry, unchanged.
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=flax_pool(x).shape), jnp.float32)
+    g_ours = jax.grad(lambda x: jnp.sum(weights * max_pool_2x2(x)))(x)
+    g_flax = jax.grad(lambda x: jnp.sum(weights * flax_pool(x)))(x)
+    np.testing.assert_array_equal(np.asarray(g_ours), np.asarray(g_flax))
