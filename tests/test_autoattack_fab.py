@@ -7,6 +7,7 @@ on random problems of 3072 dimensions with zero (and, for L2, tiny) weights,
 feasible and infeasible.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from scipy import sparse
 from scipy.optimize import linprog
 
 from jax_memat.attacks.autoattack import fab_attack, fab_targeted, project_l2, project_linf
+from jax_memat.attacks.autoattack.fab import SOLVERS
 from tests.helpers import F32_EPS
 
 # ----------------------------------------------------------------------------
@@ -88,11 +90,13 @@ def _as_f64(*arrays):
 # Projections.
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("dim, rows", [(3072, 4), (12, 40)])
-def test_project_linf_against_a_linear_program(dim, rows):
+def test_project_linf_against_a_linear_program(dim, rows, solver):
     reach = np.where(np.arange(rows) % 4 == 3, 1.5, np.linspace(0.01, 0.99, rows))
     t, w, b = _problems(0, rows, dim, reach)
-    d = np.asarray(project_linf(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b)), np.float64)
+    d = project_linf(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b), solver=solver)
+    d = np.asarray(d, np.float64)
     t64, w64, b64 = _as_f64(t, w, b)
     for i in range(rows):
         optimum = _lp_linf(t64[i], w64[i], b64[i])
@@ -114,11 +118,13 @@ def test_project_linf_against_a_linear_program(dim, rows):
         np.testing.assert_allclose(d[i], np.where(w64[i] == 0, 0.0, canonical), atol=1e-5)
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("dim, rows", [(3072, 16), (12, 40)])
-def test_project_l2_against_bisection(dim, rows):
+def test_project_l2_against_bisection(dim, rows, solver):
     reach = np.where(np.arange(rows) % 4 == 3, 1.5, np.linspace(0.01, 0.99, rows))
     t, w, b = _problems(1, rows, dim, reach, tiny=True)
-    d = np.asarray(project_l2(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b)), np.float64)
+    d = project_l2(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b), solver=solver)
+    d = np.asarray(d, np.float64)
     t64, w64, b64 = _as_f64(t, w, b)
     for i in range(rows):
         expected = _bisect_l2(t64[i], w64[i], b64[i])
@@ -132,16 +138,39 @@ def test_project_l2_against_bisection(dim, rows):
         assert np.all(d[i][np.abs(w64[i]) < 1e-8] == 0)
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("project", [project_linf, project_l2])
-def test_projection_edge_cases(project):
+def test_projection_edge_cases(project, solver):
     t = jnp.asarray([[0.5, 0.5], [0.5, 0.5], [0.2, 0.7]], jnp.float32)
     w = jnp.asarray([[1.0, 1.0], [0.0, 0.0], [1.0, -1.0]], jnp.float32)
     b = jnp.asarray([1.0, 3.0, -0.95], jnp.float32)
-    d = np.asarray(project(t, w, b))
+    d = np.asarray(project(t, w, b, solver=solver))
     np.testing.assert_array_equal(d[0], [0.0, 0.0])  # already on the hyperplane
     np.testing.assert_array_equal(d[1], [0.0, 0.0])  # all weights zero: nothing moves
     # The first coordinate saturates at 0 (room 0.2), the second moves 0.25.
     np.testing.assert_allclose(np.asarray(t[2]) + d[2], [0.0, 0.95], atol=1e-6)
+
+
+@pytest.mark.parametrize("project", [project_linf, project_l2])
+def test_solvers_agree_on_ties_and_saturated_rows(project):
+    # Many equal breakpoints (coordinates at 0, 1 and repeated values) and rows
+    # whose hyperplane lies beyond the box, where the search has no segment.
+    rng = np.random.default_rng(5)
+    t = rng.choice([0.0, 0.25, 0.5, 1.0], size=(64, 50)).astype(np.float32)
+    w = rng.choice([-1.0, 0.0, 0.5, 2.0], size=(64, 50)).astype(np.float32)
+    b = (np.sum(w * t, 1) - rng.uniform(-30, 30, size=64)).astype(np.float32)
+    d_sort, d_bisect, d_auto = (
+        np.asarray(project(*map(jnp.asarray, (t, w, b)), solver=s), np.float64)
+        for s in ("sort", "bisect", None)
+    )
+    # lam comes from sums of 50 terms of size <= 2, summed in different orders.
+    np.testing.assert_allclose(d_bisect, d_sort, rtol=0, atol=4 * 50 * 2 * F32_EPS)
+    np.testing.assert_array_equal(d_auto, d_bisect if jax.default_backend() == "cpu" else d_sort)
+
+
+def test_unknown_solver_is_refused():
+    with pytest.raises(ValueError, match="solver='heap'"):
+        project_linf(jnp.zeros((1, 2)), jnp.ones((1, 2)), jnp.zeros(1), solver="heap")
 
 
 # ----------------------------------------------------------------------------

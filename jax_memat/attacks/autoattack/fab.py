@@ -13,9 +13,12 @@ The projections (``project_linf``, ``project_l2``) are exact solutions of
 
     min ||d||_p  subject to  <w, t + d> = b,  0 <= t + d <= 1,
 
-computed for a batch at once by sorting the per-coordinate breakpoints,
-prefix sums over the sorted order and a search for the segment on which the
-constraint is met: ``O(d log d)`` per row and no data-dependent control flow.
+computed for a batch at once with no data-dependent control flow: both reduce
+to finding the level ``lam`` at which ``sum_i a_i min(lam, p_i)`` reaches a
+given value, by sorting the breakpoints ``p_i`` (prefix sums over the sorted
+order and a search for the segment on which the value is met, ``O(d log d)``
+per row), or, on the CPU where XLA's sort is slow, by bisection on the bit
+patterns of float32 ``lam`` (31 passes over the row).
 """
 
 from __future__ import annotations
@@ -47,7 +50,95 @@ def _check_projection_args(t, w, b) -> None:
         )
 
 
-def project_linf(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+SOLVERS = ("sort", "bisect")
+
+
+def _level_by_sort(a: jax.Array, p: jax.Array, c: jax.Array) -> jax.Array:
+    """``lam`` with ``sum_i a_i min(lam, p_i) = c`` from the sorted breakpoints."""
+    # Breakpoints in increasing order. For lam in [p_(j-1), p_(j)] the reached
+    # value is g(lam) = below_j + lam * left_j: below_j from the saturated
+    # coordinates (k < j), left_j the weight of the others (k >= j).
+    order = jnp.argsort(p, axis=1)
+    p_s = jnp.take_along_axis(p, order, axis=1)
+    a_s = jnp.take_along_axis(a, order, axis=1)
+    below = jnp.cumsum(a_s * p_s, axis=1) - a_s * p_s  # sum over k < j
+    left = jnp.flip(jnp.cumsum(jnp.flip(a_s, 1), axis=1), 1)  # sum over k >= j
+    reached = below + p_s * left  # g(p_(j)), non-decreasing in j
+
+    # The segment: the first breakpoint at which g exceeds c.
+    n = p.shape[1]
+    j = jnp.min(jnp.where(reached > c[:, None], jnp.arange(n), n), axis=1)
+    jj = jnp.minimum(j, n - 1)[:, None]
+    below_j = jnp.take_along_axis(below, jj, axis=1)[:, 0]
+    left_j = jnp.take_along_axis(left, jj, axis=1)[:, 0]
+    lam = jnp.maximum((c - below_j) / jnp.where(left_j > 0, left_j, 1.0), 0.0)
+    return jnp.where(j < n, lam, jnp.inf)
+
+
+def _level_by_bisection(a: jax.Array, p: jax.Array, c: jax.Array) -> jax.Array:
+    """``lam`` with ``sum_i a_i min(lam, p_i) = c`` by bisection on float32 bit patterns.
+
+    Non-negative float32 numbers order as their bit patterns do, so bisecting
+    the integers between 0 and ``max_i p_i`` ends, after 31 halvings, on two
+    adjacent floats ``lo < hi`` with ``g(lo) <= c < g(hi)``. No breakpoint lies
+    strictly between them, so the saturated set is ``p_i <= lo``, the free one
+    ``p_i >= hi``, and ``lam`` follows in closed form as in the sorted
+    version. Each halving is one pass over the row (no sort).
+    """
+    p = jnp.maximum(p, 0.0).astype(jnp.float32)
+    a = a.astype(jnp.float32)
+
+    def reached(bits):
+        lam = jax.lax.bitcast_convert_type(bits, jnp.float32)
+        return jnp.sum(a * jnp.minimum(lam[:, None], p), axis=1)
+
+    top = jnp.max(p, axis=1)
+    feasible = jnp.sum(a * p, axis=1) > c
+    hi = jax.lax.bitcast_convert_type(top, jnp.int32)
+    lo = jnp.zeros_like(hi)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        above = reached(mid) > c
+        return jnp.where(above, lo, mid), jnp.where(above, mid, hi)
+
+    # 2^31 > the bit pattern of any finite float32, so 31 halvings close the gap.
+    lo, hi = jax.lax.fori_loop(0, 31, halve, (lo, hi), unroll=True)
+    lo_f = jax.lax.bitcast_convert_type(lo, jnp.float32)
+    hi_f = jax.lax.bitcast_convert_type(hi, jnp.float32)
+    left = jnp.sum(jnp.where(p >= hi_f[:, None], a, 0.0), axis=1)
+    below = jnp.sum(jnp.where(p <= lo_f[:, None], a * p, 0.0), axis=1)
+    lam = jnp.clip((c - below) / jnp.where(left > 0, left, 1.0), lo_f, hi_f)
+    return jnp.where(feasible, lam, jnp.inf)
+
+
+def _check_solver(solver: str | None) -> None:
+    if solver is not None and solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r}: use one of {SOLVERS} or None (by platform).")
+
+
+def _saturation_level(
+    a: jax.Array, p: jax.Array, c: jax.Array, solver: str | None
+) -> jax.Array:
+    """Solves ``sum_i a_i min(lam, p_i) = c`` (``a, p >= 0``, ``c >= 0``) per row.
+
+    ``inf`` where even ``lam = max p`` does not reach ``c``. ``solver=None``
+    bisects on the CPU, where XLA's sort took half of FAB-T's time (15 ms of
+    29 ms per iteration on 100 rows of 784), and sorts elsewhere.
+    """
+    if solver == "sort":
+        return _level_by_sort(a, p, c)
+    if solver == "bisect":
+        return _level_by_bisection(a, p, c)
+    return jax.lax.platform_dependent(
+        a, p, c, cpu=_level_by_bisection, default=_level_by_sort
+    )
+
+
+def project_linf(
+    points: jax.Array, w: jax.Array, b: jax.Array, *, solver: str | None = None
+) -> jax.Array:
     """Minimal L-inf step onto the hyperplane ``<w, v> = b`` within the box ``[0, 1]``.
 
     With ``(w, b)`` oriented so that ``c = <w, t> - b >= 0``, coordinate ``i``
@@ -63,6 +154,10 @@ def project_linf(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
       points: ``[B, D]`` points ``t`` in ``[0, 1]``.
       w: ``[B, D]`` hyperplane normals.
       b: ``[B]`` offsets.
+      solver: how ``lam`` is found, both exact up to float rounding:
+        ``"sort"`` (sorted breakpoints and prefix sums, ``O(D log D)``),
+        ``"bisect"`` (31 passes over the row), or None: bisection on the CPU,
+        where XLA's sort is slow, the sort elsewhere.
 
     Returns:
       ``[B, D]`` steps ``d`` (``t + d`` is the projection).
@@ -73,39 +168,20 @@ def project_linf(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
       Array([[-0.125, -0.125]], dtype=float32)
     """
     _check_projection_args(points, w, b)
+    _check_solver(solver)
     t = points
     w, gap = _orient(t, w, b)
     toward_one = w < 0
     direction = jnp.where(toward_one, 1.0, -1.0)
     room = jnp.where(toward_one, 1.0 - t, t)
-    weight = jnp.abs(w)
-
-    # Breakpoints lam = p_(j) in decreasing order. For lam in [p_(j+1), p_(j)]
-    # the reached value is g(lam) = tail_j + lam * head_j, with head_j the
-    # weight of the unsaturated coordinates (p >= p_(j)) and tail_j the
-    # contribution of the saturated ones (p < p_(j)).
-    order = jnp.argsort(-room, axis=1)
-    room_s = jnp.take_along_axis(room, order, axis=1)
-    weight_s = jnp.take_along_axis(weight, order, axis=1)
-    head = jnp.cumsum(weight_s, axis=1)
-    sat = weight_s * room_s
-    tail = jnp.flip(jnp.cumsum(jnp.flip(sat, 1), axis=1), 1) - sat  # sum over k > j
-    reached = tail + room_s * head  # g(p_(j)), non-increasing in j
-
-    # The segment: the last breakpoint at which g still exceeds c.
-    index = jnp.arange(t.shape[1])
-    j = jnp.max(jnp.where(reached > gap[:, None], index, -1), axis=1)
-    feasible = j >= 0
-    jj = jnp.maximum(j, 0)[:, None]
-    head_j = jnp.take_along_axis(head, jj, axis=1)[:, 0]
-    tail_j = jnp.take_along_axis(tail, jj, axis=1)[:, 0]
-    lam = jnp.maximum((gap - tail_j) / jnp.where(head_j > 0, head_j, 1.0), 0.0)
-    lam = jnp.where(feasible, lam, jnp.inf)
+    lam = _saturation_level(jnp.abs(w), room, gap, solver)
     d = direction * jnp.minimum(lam[:, None], room)
     return jnp.where(w != 0, d, 0.0).astype(points.dtype)
 
 
-def project_l2(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+def project_l2(
+    points: jax.Array, w: jax.Array, b: jax.Array, *, solver: str | None = None
+) -> jax.Array:
     """Minimal L2 step onto the hyperplane ``<w, v> = b`` within the box ``[0, 1]``.
 
     With ``(w, b)`` oriented so that ``c = <w, t> - b >= 0``, the solution is
@@ -120,6 +196,7 @@ def project_l2(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
       points: ``[B, D]`` points ``t`` in ``[0, 1]``.
       w: ``[B, D]`` hyperplane normals.
       b: ``[B]`` offsets.
+      solver: as for ``project_linf``.
 
     Returns:
       ``[B, D]`` steps ``d``.
@@ -130,6 +207,7 @@ def project_l2(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
       Array([[-0.125, -0.125]], dtype=float32)
     """
     _check_projection_args(points, w, b)
+    _check_solver(solver)
     t = points
     w, gap = _orient(t, w, b)
     small = jnp.abs(w) < _TINY_WEIGHT
@@ -137,26 +215,7 @@ def project_l2(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     safe_w = jnp.where(small, 1.0, w)
     r = jnp.clip(jnp.where(w > 0, t / safe_w, (t - 1.0) / safe_w), -_BIG, _BIG)
     r = jnp.where(small, _BIG, r)
-
-    # Breakpoints in increasing order. For lam in [r_(j-1), r_(j)] the reached
-    # value is h(lam) = done_j + lam * left_j: done_j from the saturated
-    # coordinates (k < j), left_j the squared weight of the others (k >= j).
-    order = jnp.argsort(r, axis=1)
-    r_s = jnp.take_along_axis(r, order, axis=1)
-    w2_s = jnp.take_along_axis(jnp.square(w), order, axis=1)
-    done = jnp.cumsum(w2_s * r_s, axis=1) - w2_s * r_s  # sum over k < j
-    left = jnp.flip(jnp.cumsum(jnp.flip(w2_s, 1), axis=1), 1)  # sum over k >= j
-    reached = done + r_s * left  # h(r_(j)), non-decreasing in j
-
-    # The segment: the first breakpoint at which h exceeds c.
-    n = t.shape[1]
-    j = jnp.min(jnp.where(reached > gap[:, None], jnp.arange(n), n), axis=1)
-    feasible = j < n
-    jj = jnp.minimum(j, n - 1)[:, None]
-    done_j = jnp.take_along_axis(done, jj, axis=1)[:, 0]
-    left_j = jnp.take_along_axis(left, jj, axis=1)[:, 0]
-    lam = jnp.maximum((gap - done_j) / jnp.where(left_j > 0, left_j, 1.0), 0.0)
-    lam = jnp.where(feasible, lam, jnp.inf)
+    lam = _saturation_level(jnp.square(w), r, gap, solver)
     return (-jnp.minimum(lam[:, None], r) * w).astype(points.dtype)
 
 
