@@ -118,9 +118,7 @@ def _check_solver(solver: str | None) -> None:
         raise ValueError(f"solver={solver!r}: use one of {SOLVERS} or None (by platform).")
 
 
-def _saturation_level(
-    a: jax.Array, p: jax.Array, c: jax.Array, solver: str | None
-) -> jax.Array:
+def _saturation_level(a: jax.Array, p: jax.Array, c: jax.Array, solver: str | None) -> jax.Array:
     """Solves ``sum_i a_i min(lam, p_i) = c`` (``a, p >= 0``, ``c >= 0``) per row.
 
     ``inf`` where even ``lam = max p`` does not reach ``c``. ``solver=None``
@@ -131,9 +129,7 @@ def _saturation_level(
         return _level_by_sort(a, p, c)
     if solver == "bisect":
         return _level_by_bisection(a, p, c)
-    return jax.lax.platform_dependent(
-        a, p, c, cpu=_level_by_bisection, default=_level_by_sort
-    )
+    return jax.lax.platform_dependent(a, p, c, cpu=_level_by_bisection, default=_level_by_sort)
 
 
 def project_linf(
