@@ -269,3 +269,15 @@ def test_memory_estimate_counts_this_devices_part_of_a_split_table():
     assert split.total == whole.total - whole.table + split.table
     # A checkpoint holds the whole table however it is laid out.
     assert split.checkpoint_bytes == whole.checkpoint_bytes
+
+
+def test_warnings_print_in_process_zero_only(monkeypatch, capsys):
+    from jax_memat.experiment import workdir
+
+    messages = []
+    monkeypatch.setattr(workdir.logging, "warning", messages.append)
+    workdir.warn("first")
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    workdir.warn("second")
+    assert capsys.readouterr().err == "warning: first\n"
+    assert messages == ["first", "second"]  # both still in each process's log

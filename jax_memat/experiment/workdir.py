@@ -338,6 +338,14 @@ def describe_run_files(survey: WorkdirSurvey) -> str:
 
 
 def warn(message: str) -> None:
-    """A warning the user sees on the terminal (and in the absl log)."""
+    """A warning the user sees on the terminal (and in the absl log).
+
+    In a multi-process run every process reaches the same warnings (they
+    share the workdir and the checks); only process 0 prints them, the others
+    log them.
+    """
+    import jax
+
     logging.warning(message)
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
