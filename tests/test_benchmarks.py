@@ -1,6 +1,7 @@
 """Smoke tests of benchmarks/: FLOP counts, MFU and a tiny CPU run of train_throughput.py."""
 
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -114,6 +115,10 @@ def test_train_throughput_small_cnn_cpu_counts_and_mfu(capsys):
     expected_mfu = r["flops_analytic"] * (1e3 / r["ms_per_step"]) / (0.5e12 * r["devices_used"])
     assert r["mfu"] == pytest.approx(expected_mfu, rel=1e-9)
     assert r["peak_tflops_source"] == "--peak-tflops"
+    # XLA's accounting of the step: the donated state is aliased; no device allocator on CPU.
+    c = r["compiled_memory"]
+    assert 0 < c["alias"] <= c["argument"] and c["temp"] > 0
+    assert r["device_memory_at"] is None and r["compile_s"] <= r["first_call_s"]
     out = capsys.readouterr().out
     assert f"{100 * r['mfu']:.1f}%" in out
 
@@ -158,3 +163,97 @@ def test_train_throughput_torch_variants_side_by_side(capsys):
 def test_torch_variant_flag_refuses_unknown():
     with pytest.raises(SystemExit):
         throughput.parse_args(["--torch-variant=eager,fast"])
+
+
+# --------------------------------------------------------------------------- memory.py
+
+memory = _load("memory")
+
+
+def test_compiled_memory_reads_xla_buffer_sizes():
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones(1000, jnp.float32)
+    compiled = jax.jit(lambda x: 2 * x + 1, donate_argnums=0).lower(x).compile()
+    m = throughput.compiled_memory(compiled)
+    # One f32[1000] in, one out, written in place of the donated input.
+    assert (m["argument"], m["output"], m["alias"]) == (4000, 4000, 4000)
+    assert m["program_bytes"] == m["argument"] + m["output"] - m["alias"] + m["temp"]
+
+
+def test_residual_bytes_counts_what_the_backward_pass_saves():
+    import jax.numpy as jnp
+
+    w = jnp.zeros(100, jnp.float32)
+    assert memory.residual_bytes(lambda w: jnp.sum(jnp.sin(w)), w) == 400  # cos(w)
+    assert memory.residual_bytes(lambda w: jnp.sum(jnp.sin(w)), w.astype(jnp.bfloat16)) == 200
+    assert memory.residual_bytes(lambda w: jnp.sum(w * w), w) == 0  # only w, already there
+    assert memory.residual_bytes(lambda w: jnp.sum(3.0 * w), w) == 0  # linear: nothing
+
+
+def test_convolutions_by_dtype_reads_cpu_and_gpu_hlo():
+    text = "\n".join(
+        [
+            "%a = f32[8,4,4,64]{3,2,1,0} convolution(%x, %w), window={size=3x3}",
+            "%b = bf16[8,4,4,64]{3,2,1,0} convolution(%x, %w), window={size=3x3}",
+            "%c = (bf16[8,4,4,64]{3,2,1,0}, u8[1024]{0}) custom-call(%x, %w), "
+            'custom_call_target="__cudnn$convForward"',
+            "%d = (f32[8,10]{1,0}, s8[0]{0}) custom-call(%x, %m), "
+            'custom_call_target="__cublas$gemm"',
+            "%e = f32[8,4,4,64]{3,2,1,0} add(%a, %a)",
+        ]
+    )
+    assert memory.convolutions_by_dtype(text) == {"bf16": 2, "f32": 1}
+
+
+def test_memory_analysis_small_cnn_cpu(tmp_path):
+    out = tmp_path / "memory.json"
+    report = memory.main(
+        ["--model=small_cnn", "--batch-size=16", "--dtype=float32,bfloat16", f"--out={out}"]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [r["dtype"] for r in report["results"]] == ["float32", "bfloat16"]
+    for r in report["results"]:
+        c, a = r["compiled_memory"], r["analytic"]
+        assert r["per_device_batch"] * r["devices_used"] == 16
+        # The donated state is written in place: XLA's aliased bytes are the state's.
+        assert c["alias"] == a["state"]
+        # The state is parameters, momentum and BatchNorm statistics, plus a step and a key.
+        assert 0 < a["state"] - (a["params"] + a["opt_state"] + a["model_state"]) < 1024
+        assert a["state"] <= c["argument"] <= a["state"] + a["batch"]
+        assert (
+            c["temp"] > 0
+            and c["program_bytes"] == c["argument"] + c["output"] - c["alias"] + c["temp"]
+        )
+        assert a["opt_state"] == a["params"] == a["grads"]  # SGD momentum: one f32 per param
+        assert a["train_residuals"] > 0 and a["attack_residuals"] > 0
+        assert sum(r["convolutions_by_dtype"].values()) > 0
+    f32, bf16 = report["results"]
+    assert set(f32["convolutions_by_dtype"]) == {"f32"}
+    # Same parameters and optimizer at either compute dtype; lower-precision activations.
+    assert f32["analytic"]["state"] == bf16["analytic"]["state"]
+    assert bf16["analytic"]["attack_residuals"] < f32["analytic"]["attack_residuals"]
+    ratios = report["ratios_float32_over_bfloat16"]
+    assert ratios["temp"] == pytest.approx(
+        f32["compiled_memory"]["temp"] / bf16["compiled_memory"]["temp"], rel=1e-12
+    )
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic writes
+
+
+def test_memory_refuses_bad_input():
+    with pytest.raises(SystemExit):
+        memory.parse_args(["--dtype=float16"])
+    with pytest.raises(SystemExit):
+        memory.parse_args(["--batch-size=0"])
+    with pytest.raises(SystemExit):
+        memory.parse_args(["--model=vgg16"])
+
+
+def test_wide_resnet_is_wrn_34_10_and_jax_only():
+    assert throughput.MODEL_KWARGS["wide_resnet"] == {"depth": 34, "width": 10}
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--models=wide_resnet", "--frameworks=jax,torch"])
+    assert throughput.parse_args(["--models=wide_resnet", "--frameworks=jax"]).models == [
+        "wide_resnet"
+    ]
