@@ -250,6 +250,134 @@ def test_memory_refuses_bad_input():
         memory.parse_args(["--model=vgg16"])
 
 
+# --------------------------------------------------------------------------- scaling.py
+
+scaling = _load("scaling")
+autoattack_time = _load("autoattack_time")
+
+_SMOKE = [
+    "--models=small_cnn",
+    "--batch-sizes=8,16",
+    "--steps=1",
+    "--warmup=1",
+    "--aa-model=small_cnn",
+    "--aa-points=8,16",
+    "--aa-chunk-size=8",
+    "--aa-version=custom",
+    "--aa-attacks=apgd-ce,square",
+    "--aa-n-iter=2",
+    "--aa-n-queries=2",
+    "--name=smoke",
+]
+
+
+def test_steps_per_epoch_and_failure_status():
+    assert [scaling.steps_per_epoch(b) for b in (64, 128, 256, 512)] == [782, 391, 196, 98]
+    assert scaling.steps_per_epoch(50_000) == 1 and scaling.steps_per_epoch(49_999) == 2
+    oom = "jaxlib.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate"
+    assert scaling.failure_status(oom) == "oom"
+    assert scaling.failure_status("ValueError: batch size 12 does not split") == "error"
+
+
+def test_scaling_cpu_smoke(tmp_path):
+    report = scaling.main([*_SMOKE, "--no-isolate", f"--out-dir={tmp_path}"])
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert [(p["model"], p["batch_size"]) for p in saved["training"]] == [
+        ("small_cnn", 8),
+        ("small_cnn", 16),
+    ]
+    for p in saved["training"]:
+        assert p["status"] == "ok", p.get("error")
+        assert p["ms_per_step"] > 0 and p["examples_per_s"] > 0
+        assert p["steps_per_epoch"] == math.ceil(50_000 / p["batch_size"])
+        expected = p["ms_per_step"] / 1e3 * p["steps_per_epoch"]
+        assert p["seconds_per_epoch"] == pytest.approx(expected, rel=1e-12)
+        assert p["compiled_memory"]["temp"] > 0
+    assert [p["num_points"] for p in saved["autoattack"]] == [8, 16]
+    for p in saved["autoattack"]:
+        assert p["status"] == "ok", p.get("error")
+        assert p["seconds"] > 0 and p["seconds_first_call"] > 0
+        assert p["budget"] == {"attacks": ["apgd-ce", "square"], "n_iter": 2, "n_queries": 2}
+    assert saved["settings"]["batch_sizes"] == [8, 16] and saved["host"]["cpu_count"] >= 1
+    png = (tmp_path / "smoke.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic writes
+
+
+def test_scaling_records_timeouts_and_still_plots(tmp_path):
+    # A child cannot even import JAX in 0.3 s: every point times out, none crashes the run.
+    report = scaling.main(
+        [
+            *_SMOKE,
+            "--batch-sizes=8",
+            "--aa-points=8",
+            "--child-timeout=0.3",
+            f"--out-dir={tmp_path}",
+        ]
+    )
+    points = report["training"] + report["autoattack"]
+    assert [p["status"] for p in points] == ["timeout", "timeout"]
+    assert all("timed out after 0.3 s" in p["error"] for p in points)
+    assert json.loads((tmp_path / "smoke.json").read_text())["training"][0]["status"] == "timeout"
+    assert (tmp_path / "smoke.png").read_bytes()[:4] == b"\x89PNG"
+    # --replot redraws the figure from the JSON alone.
+    (tmp_path / "smoke.png").unlink()
+    scaling.main(["--replot", str(tmp_path / "smoke.json")])
+    assert (tmp_path / "smoke.png").exists()
+
+
+def test_scaling_isolated_point_runs_in_its_own_process(tmp_path):
+    report = scaling.main(
+        [*_SMOKE, "--batch-sizes=8", "--aa-points=", "--child-timeout=300", f"--out-dir={tmp_path}"]
+    )
+    (point,) = report["training"]
+    assert point["status"] == "ok", point.get("error")
+    assert point["isolated"] and point["ms_per_step"] > 0 and report["autoattack"] == []
+    assert point["framework_info"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"  # the child's env
+
+
+def test_scaling_records_a_failed_point_instead_of_raising():
+    args = scaling.parse_args(_SMOKE)
+    # 12 examples do not split over the suite's 8 simulated devices.
+    point = scaling.train_point("small_cnn", 12, args)
+    assert point["status"] == "error" and "does not split over 8 devices" in point["error"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--batch-sizes=0,64"],
+        ["--batch-sizes=64,big"],
+        ["--models=small_cnn,vgg"],
+        ["--aa-points=-5"],
+        ["--aa-n-iter=3"],  # a budget without --aa-version custom
+        ["--aa-version=custom", "--aa-n-queries=0"],
+        ["--models=", "--aa-points="],  # nothing to measure
+        ["--steps=0"],
+        ["--child-timeout=nan"],
+        ["--name=a/b"],
+    ],
+)
+def test_scaling_refuses_bad_input(bad, capsys):
+    with pytest.raises(SystemExit):
+        scaling.parse_args(bad)
+    assert "error:" in capsys.readouterr().err
+
+
+def test_autoattack_custom_budget():
+    assert autoattack_time.custom_budget("standard", None, None, None, None) is None
+    assert autoattack_time.custom_budget("custom", "apgd-ce, fab-t", 3, None, 2) == {
+        "attacks": ("apgd-ce", "fab-t"),
+        "n_iter": 3,
+        "n_target_classes": 2,
+    }
+    with pytest.raises(ValueError, match="--version custom"):
+        autoattack_time.custom_budget("standard", None, 10, None, None)
+    with pytest.raises(ValueError, match=">= 1"):
+        autoattack_time.custom_budget("custom", None, 0, None, None)
+
+
 def test_wide_resnet_is_wrn_34_10_and_jax_only():
     assert throughput.MODEL_KWARGS["wide_resnet"] == {"depth": 34, "width": 10}
     with pytest.raises(SystemExit):
