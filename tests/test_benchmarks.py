@@ -385,3 +385,20 @@ def test_wide_resnet_is_wrn_34_10_and_jax_only():
     assert throughput.parse_args(["--models=wide_resnet", "--frameworks=jax"]).models == [
         "wide_resnet"
     ]
+
+
+def test_train_throughput_without_torch_says_skipped(monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "torch" else real_find_spec(name, *a),
+    )
+    report = throughput.main(
+        ["--models=small_cnn", "--frameworks=torch", "--device=cpu", "--no-isolate", "--steps=1"]
+    )
+    (r,) = report["results"]
+    assert r["skipped"] and r["error"] == "skipped: torch not installed"
+    assert report["ratios"] == []
+    captured = capsys.readouterr()
+    assert "skipped: torch not installed" in captured.out and "failed" not in captured.out
