@@ -165,6 +165,8 @@ def _title(report: dict) -> str:
         return f"PGD-AT and AutoAttack scaling ({s['dtype']}): no successful measurement"
     first = ok[0]
     device = first.get("device_name") or first.get("device", "?")
+    if device == "cpu":  # JAX's device kind says nothing more on a CPU
+        device = f"cpu ({report['host'].get('cpu', '?')})"
     n = first.get("devices_used") or first.get("num_devices", "?")
     info = first.get("framework_info") or {}
     jax_version = info.get("jax") or first.get("jax", "?")
