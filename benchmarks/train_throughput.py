@@ -42,6 +42,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -53,14 +54,20 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent
 
-MODELS = ("preact_resnet18", "resnet18", "small_cnn")
+MODELS = ("preact_resnet18", "resnet18", "wide_resnet", "small_cnn")
 DEFAULT_MODELS = ("preact_resnet18", "resnet18")
+# get_model's extra arguments per registry name: "wide_resnet" here is WRN-34-10, the
+# paper's CIFAR-10 model (Dong et al., 2022, Section 3), not get_model's default 28-10.
+MODEL_KWARGS = {"wide_resnet": {"depth": 34, "width": 10}}
+# Models the PyTorch baseline (torch_baseline.get_model) does not implement.
+JAX_ONLY_MODELS = ("wide_resnet",)
 FRAMEWORKS = ("jax", "torch")
 DTYPES = ("float32", "bfloat16")
 # PyTorch baselines (torch_baseline.prepare): the conventional eager step, then what a
@@ -253,16 +260,42 @@ def mfu_figures(result: dict, dtype: str, peak_tflops: float | None) -> dict:
     return out
 
 
-def bench_jax(
-    model_name: str,
-    batch_size: int,
-    steps: int,
-    warmup: int,
-    dtype: str,
-    seed: int,
-    count_flops: bool = True,
-):
-    """Times the library's PGD-AT step; returns a result dict (see module docstring)."""
+class JaxStep(NamedTuple):
+    """The library's jitted PGD-AT step with a state and a batch to call it on."""
+
+    step: Any  # make_train_step's jitted function: step(state, batch) -> (state, metrics)
+    state: Any  # the TrainState, replicated over the mesh
+    batch: dict  # the placed global batch: image, label, index
+    apply_fn: Any  # the model's apply(variables, images, train)
+    shape: tuple[int, int, int]  # one example's (H, W, C)
+    n_devices: int  # devices the batch is split over
+
+
+def build_jax_step(model_name: str, batch_size: int, dtype: str, seed: int) -> JaxStep:
+    """Builds the benchmark's PGD-AT step with the library, unmodified.
+
+    ``get_model`` (with ``MODEL_KWARGS``) / ``make_apply_fn``, the PGD-10 attack,
+    ``make_objective("pgd_at")``, SGD with momentum and weight decay,
+    ``create_train_state`` and ``make_train_step`` on ``make_mesh()`` (all local
+    devices), and one fixed batch of random data placed with ``shard_batch``.
+    Nothing is compiled yet.
+
+    Args:
+      model_name: one of ``MODELS``.
+      batch_size: the global batch, a multiple of the local device count.
+      dtype: the model's compute dtype, ``"float32"`` or ``"bfloat16"``.
+      seed: parameters and data.
+
+    Returns:
+      A ``JaxStep``; ``step(state, batch)`` runs one training step.
+
+    Raises:
+      ValueError: if the batch does not split over the devices.
+
+    Example:
+      >>> built = build_jax_step("small_cnn", 8, "float32", 0)
+      >>> state, metrics = built.step(built.state, built.batch)
+    """
     import jax
 
     api = _import_jax_memat()
@@ -272,7 +305,9 @@ def bench_jax(
         raise ValueError(f"batch size {batch_size} does not split over {n_devices} devices")
 
     tx = api["make_optimizer"]("sgd", LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    module = api["get_model"](model_name, num_classes=NUM_CLASSES, dtype=dtype)
+    module = api["get_model"](
+        model_name, num_classes=NUM_CLASSES, dtype=dtype, **MODEL_KWARGS.get(model_name, {})
+    )
     apply_fn = api["make_apply_fn"](module)
     spec = api["AttackSpec"](
         name="pgd", eps=EPS, step_size=STEP_SIZE, steps=PGD_STEPS, norm="linf", random_start=True
@@ -287,9 +322,93 @@ def bench_jax(
         {"image": images, "label": labels, "index": np.arange(batch_size, dtype=np.int32)}, mesh
     )
     jax.block_until_ready((state, batch))
+    return JaxStep(step, state, batch, apply_fn, shape, n_devices)
+
+
+def compiled_memory(compiled) -> dict | None:
+    """XLA's buffer accounting of a compiled program, per device, in bytes.
+
+    From ``jitted.lower(...).compile().memory_analysis()``: the sizes XLA's
+    buffer assignment gives the program's arguments, outputs (``alias``: the
+    part of the outputs written into donated arguments), temporaries (every
+    intermediate buffer live at some point, packed by liveness) and generated
+    code. ``program_bytes`` = arguments + outputs - aliased + temporaries: the
+    device memory the program itself needs while it runs. It does not include
+    what the compiler used while compiling (e.g. XLA:GPU's convolution
+    autotuning, which runs candidate algorithms on scratch buffers).
+
+    Args:
+      compiled: a ``jax.stages.Compiled``.
+
+    Returns:
+      A dict of the fields and ``program_bytes``, or None where the backend
+      gives no memory analysis.
+
+    Example:
+      >>> compiled_memory(jax.jit(lambda x: 2 * x).lower(jnp.ones(4)).compile())["argument"]
+      16
+    """
+    stats = compiled.memory_analysis()
+    if isinstance(stats, list | tuple):  # older JAX: one entry per program
+        stats = stats[0] if stats else None
+    if stats is None:
+        return None
+    out = {
+        name: int(getattr(stats, f"{name}_size_in_bytes"))
+        for name in ("argument", "output", "alias", "temp", "generated_code")
+        if hasattr(stats, f"{name}_size_in_bytes")
+    }
+    needed = ("argument", "output", "alias", "temp")
+    if all(k in out for k in needed):
+        out["program_bytes"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def _device_memory_now() -> dict | None:
+    """``bytes_in_use`` and ``peak_bytes_in_use`` now, max over local devices; None on CPU."""
+    import jax
+
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    if not all(s and "peak_bytes_in_use" in s for s in stats):
+        return None
+    return {
+        "bytes_in_use": max(int(s.get("bytes_in_use", 0)) for s in stats),
+        "peak_bytes_in_use": max(int(s["peak_bytes_in_use"]) for s in stats),
+    }
+
+
+def bench_jax(
+    model_name: str,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    dtype: str,
+    seed: int,
+    count_flops: bool = True,
+):
+    """Times the library's PGD-AT step; returns a result dict (see module docstring).
+
+    Besides the timing, the result holds ``compiled_memory`` (XLA's buffer
+    accounting of the step, ``compiled_memory``) and, on accelerators,
+    ``device_memory_at``: the allocator's ``bytes_in_use`` and
+    ``peak_bytes_in_use`` after the state and batch are placed, after the step
+    is compiled (before it first runs) and after the timed steps. The peak
+    after compilation minus the bytes in use before it is what compiling
+    itself took (e.g. convolution autotuning); see benchmarks/README.md.
+    """
+    import jax
+
+    built = build_jax_step(model_name, batch_size, dtype, seed)
+    step, state, batch = built.step, built.state, built.batch
+    memory_at = {"placed": _device_memory_now()}
 
     start = time.perf_counter()
-    state, metrics = step(state, batch)  # compiles
+    # Compiled ahead of the first call so that the compiler's own device memory can
+    # be told from the step's; the jitted function reuses this executable.
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    memory_at["compiled"] = _device_memory_now()
+    state, metrics = step(state, batch)
     jax.block_until_ready(state)
     first_call_s = time.perf_counter() - start
     for _ in range(warmup - 1):
@@ -301,14 +420,18 @@ def bench_jax(
         state, metrics = step(state, batch)
     jax.block_until_ready(state)
     elapsed = time.perf_counter() - start
+    memory_at["timed"] = _device_memory_now()
 
     peak, source = _jax_peak_memory()
     loss = float(jax.device_get(metrics["loss"])) if "loss" in metrics else float("nan")
     result = _summary(steps, batch_size, elapsed, first_call_s, loss)
     result.update(
+        compile_s=compile_s,
         peak_memory_bytes=peak,
         peak_memory_source=source,
-        devices_used=n_devices,
+        compiled_memory=compiled_memory(compiled),
+        device_memory_at=memory_at if memory_at["placed"] is not None else None,
+        devices_used=built.n_devices,
         device_name=jax.local_devices()[0].device_kind,
         framework_info=_jax_info(),
         dtype_note=(
@@ -319,7 +442,11 @@ def bench_jax(
         absent_on_gpu_imported=sorted(m for m in _ABSENT_ON_GPU if m in sys.modules),
     )
     if count_flops:  # after the timing: re-lowers the step; XLA reuses its compiled program
-        result.update(jax_step_flops(step, state, batch, apply_fn, shape, batch_size, n_devices))
+        result.update(
+            jax_step_flops(
+                step, state, batch, built.apply_fn, built.shape, batch_size, built.n_devices
+            )
+        )
     return result
 
 
@@ -453,6 +580,10 @@ def _run_one(
         variant = "eager"
     result = {"framework": framework, "model": model, "dtype": dtype, "variant": variant}
     result.update(batch_size=args.batch_size, warmup=args.warmup, isolated=args.child is not None)
+    if framework == "torch" and importlib.util.find_spec("torch") is None:
+        # The optional bench dependency: a machine without it still gets the JAX numbers.
+        print("skipped: torch not installed", file=sys.stderr)
+        return {**result, "error": "skipped: torch not installed", "skipped": True}
     try:
         if framework == "jax":
             out = bench_jax(
@@ -545,6 +676,10 @@ def _framework_label(result: dict) -> str:
     return result["framework"] + (f" ({variant})" if variant else "")
 
 
+def _mib(value: int | None) -> float | None:
+    return None if value is None else value / 2**20
+
+
 def _per_example(result: dict, key: str) -> float | None:
     value = result.get(key)
     return None if value is None else value / result["batch_size"] / 1e9
@@ -596,23 +731,29 @@ def markdown(results: list[dict], ratios: list[dict]) -> str:
     """The results and ratios as Markdown tables."""
     lines = [
         "| model | framework | dtype | device | examples/s | ms/step | peak memory (MiB) "
-        "| memory source | first call (s) | GFLOP/example (analytic) | XLA / analytic, loop once "
-        "| TFLOP/s | MFU |",
-        "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| memory source | peak after compile (MiB) | XLA program (MiB) | first call (s) "
+        "| GFLOP/example (analytic) | XLA / analytic, loop once | TFLOP/s | MFU |",
+        "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "error" in r:
             err = r["error"].strip().splitlines()[-1][:80]
+            err = err if r.get("skipped") else f"failed: {err}"
             lines.append(
-                f"| {r['model']} | {_framework_label(r)} | {r['dtype']} | failed: {err} "
-                "| - | - | - | - | - | - | - | - | - |"
+                f"| {r['model']} | {_framework_label(r)} | {r['dtype']} | {err} "
+                "| - | - | - | - | - | - | - | - | - | - | - |"
             )
             continue
         mem = r["peak_memory_bytes"] / 2**20
+        at_compile = ((r.get("device_memory_at") or {}).get("compiled") or {}).get(
+            "peak_bytes_in_use"
+        )
+        program = (r.get("compiled_memory") or {}).get("program_bytes")
         lines.append(
             f"| {r['model']} | {_framework_label(r)} | {r['dtype']} | {r['device_name']} "
             f"| {r['examples_per_s']:.1f} | {r['ms_per_step']:.1f} | {mem:.0f} "
-            f"| {r['peak_memory_source']} | {_fmt(r.get('first_call_s'), '.1f')} "
+            f"| {r['peak_memory_source']} | {_fmt(_mib(at_compile), '.0f')} "
+            f"| {_fmt(_mib(program), '.0f')} | {_fmt(r.get('first_call_s'), '.1f')} "
             f"| {_fmt(_per_example(r, 'flops_analytic'), '.2f')} "
             f"| {_fmt(r.get('flops_xla_over_analytic_loop_once'), '.2f')} "
             f"| {_fmt(r.get('achieved_tflops'), '.3g')} | {_mfu_text(r)} |"
@@ -666,7 +807,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--models",
         default=",".join(DEFAULT_MODELS),
-        help=f"comma-separated, of {', '.join(MODELS)} (default %(default)s)",
+        help=f"comma-separated, of {', '.join(MODELS)} (default %(default)s); "
+        "wide_resnet is WRN-34-10, JAX only",
     )
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated")
     p.add_argument("--batch-size", type=int, default=128, help="global batch (all devices)")
@@ -718,6 +860,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.torch_variants = _split(args.torch_variant, TORCH_VARIANTS, "--torch-variant")
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
+    no_baseline = [m for m in args.models if m in JAX_ONLY_MODELS]
+    if "torch" in args.frameworks and no_baseline:
+        p.error(
+            f"--models: {', '.join(no_baseline)} has no PyTorch baseline; "
+            "run it with --frameworks jax"
+        )
     if args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
         p.error("--steps, --warmup and --batch-size must be >= 1")
     if args.peak_tflops is not None and not (

@@ -1,6 +1,7 @@
 """Smoke tests of benchmarks/: FLOP counts, MFU and a tiny CPU run of train_throughput.py."""
 
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -114,6 +115,10 @@ def test_train_throughput_small_cnn_cpu_counts_and_mfu(capsys):
     expected_mfu = r["flops_analytic"] * (1e3 / r["ms_per_step"]) / (0.5e12 * r["devices_used"])
     assert r["mfu"] == pytest.approx(expected_mfu, rel=1e-9)
     assert r["peak_tflops_source"] == "--peak-tflops"
+    # XLA's accounting of the step: the donated state is aliased; no device allocator on CPU.
+    c = r["compiled_memory"]
+    assert 0 < c["alias"] <= c["argument"] and c["temp"] > 0
+    assert r["device_memory_at"] is None and r["compile_s"] <= r["first_call_s"]
     out = capsys.readouterr().out
     assert f"{100 * r['mfu']:.1f}%" in out
 
@@ -158,3 +163,242 @@ def test_train_throughput_torch_variants_side_by_side(capsys):
 def test_torch_variant_flag_refuses_unknown():
     with pytest.raises(SystemExit):
         throughput.parse_args(["--torch-variant=eager,fast"])
+
+
+# --------------------------------------------------------------------------- memory.py
+
+memory = _load("memory")
+
+
+def test_compiled_memory_reads_xla_buffer_sizes():
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones(1000, jnp.float32)
+    compiled = jax.jit(lambda x: 2 * x + 1, donate_argnums=0).lower(x).compile()
+    m = throughput.compiled_memory(compiled)
+    # One f32[1000] in, one out, written in place of the donated input.
+    assert (m["argument"], m["output"], m["alias"]) == (4000, 4000, 4000)
+    assert m["program_bytes"] == m["argument"] + m["output"] - m["alias"] + m["temp"]
+
+
+def test_residual_bytes_counts_what_the_backward_pass_saves():
+    import jax.numpy as jnp
+
+    w = jnp.zeros(100, jnp.float32)
+    assert memory.residual_bytes(lambda w: jnp.sum(jnp.sin(w)), w) == 400  # cos(w)
+    assert memory.residual_bytes(lambda w: jnp.sum(jnp.sin(w)), w.astype(jnp.bfloat16)) == 200
+    assert memory.residual_bytes(lambda w: jnp.sum(w * w), w) == 0  # only w, already there
+    assert memory.residual_bytes(lambda w: jnp.sum(3.0 * w), w) == 0  # linear: nothing
+
+
+def test_convolutions_by_dtype_reads_cpu_and_gpu_hlo():
+    text = "\n".join(
+        [
+            "%a = f32[8,4,4,64]{3,2,1,0} convolution(%x, %w), window={size=3x3}",
+            "%b = bf16[8,4,4,64]{3,2,1,0} convolution(%x, %w), window={size=3x3}",
+            "%c = (bf16[8,4,4,64]{3,2,1,0}, u8[1024]{0}) custom-call(%x, %w), "
+            'custom_call_target="__cudnn$convForward"',
+            "%d = (f32[8,10]{1,0}, s8[0]{0}) custom-call(%x, %m), "
+            'custom_call_target="__cublas$gemm"',
+            "%e = f32[8,4,4,64]{3,2,1,0} add(%a, %a)",
+        ]
+    )
+    assert memory.convolutions_by_dtype(text) == {"bf16": 2, "f32": 1}
+
+
+def test_memory_analysis_small_cnn_cpu(tmp_path):
+    out = tmp_path / "memory.json"
+    report = memory.main(
+        ["--model=small_cnn", "--batch-size=16", "--dtype=float32,bfloat16", f"--out={out}"]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [r["dtype"] for r in report["results"]] == ["float32", "bfloat16"]
+    for r in report["results"]:
+        c, a = r["compiled_memory"], r["analytic"]
+        assert r["per_device_batch"] * r["devices_used"] == 16
+        # The donated state is written in place: XLA's aliased bytes are the state's.
+        assert c["alias"] == a["state"]
+        # The state is parameters, momentum and BatchNorm statistics, plus a step and a key.
+        assert 0 < a["state"] - (a["params"] + a["opt_state"] + a["model_state"]) < 1024
+        assert a["state"] <= c["argument"] <= a["state"] + a["batch"]
+        assert (
+            c["temp"] > 0
+            and c["program_bytes"] == c["argument"] + c["output"] - c["alias"] + c["temp"]
+        )
+        assert a["opt_state"] == a["params"] == a["grads"]  # SGD momentum: one f32 per param
+        assert a["train_residuals"] > 0 and a["attack_residuals"] > 0
+        assert sum(r["convolutions_by_dtype"].values()) > 0
+    f32, bf16 = report["results"]
+    assert set(f32["convolutions_by_dtype"]) == {"f32"}
+    # Same parameters and optimizer at either compute dtype; lower-precision activations.
+    assert f32["analytic"]["state"] == bf16["analytic"]["state"]
+    assert bf16["analytic"]["attack_residuals"] < f32["analytic"]["attack_residuals"]
+    ratios = report["ratios_float32_over_bfloat16"]
+    assert ratios["temp"] == pytest.approx(
+        f32["compiled_memory"]["temp"] / bf16["compiled_memory"]["temp"], rel=1e-12
+    )
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic writes
+
+
+def test_memory_refuses_bad_input():
+    with pytest.raises(SystemExit):
+        memory.parse_args(["--dtype=float16"])
+    with pytest.raises(SystemExit):
+        memory.parse_args(["--batch-size=0"])
+    with pytest.raises(SystemExit):
+        memory.parse_args(["--model=vgg16"])
+
+
+# --------------------------------------------------------------------------- scaling.py
+
+scaling = _load("scaling")
+autoattack_time = _load("autoattack_time")
+
+_SMOKE = [
+    "--models=small_cnn",
+    "--batch-sizes=8,16",
+    "--steps=1",
+    "--warmup=1",
+    "--aa-model=small_cnn",
+    "--aa-points=8,16",
+    "--aa-chunk-size=8",
+    "--aa-version=custom",
+    "--aa-attacks=apgd-ce,square",
+    "--aa-n-iter=2",
+    "--aa-n-queries=2",
+    "--name=smoke",
+]
+
+
+def test_steps_per_epoch_and_failure_status():
+    assert [scaling.steps_per_epoch(b) for b in (64, 128, 256, 512)] == [782, 391, 196, 98]
+    assert scaling.steps_per_epoch(50_000) == 1 and scaling.steps_per_epoch(49_999) == 2
+    oom = "jaxlib.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate"
+    assert scaling.failure_status(oom) == "oom"
+    assert scaling.failure_status("ValueError: batch size 12 does not split") == "error"
+
+
+def test_scaling_cpu_smoke(tmp_path):
+    report = scaling.main([*_SMOKE, "--no-isolate", f"--out-dir={tmp_path}"])
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert [(p["model"], p["batch_size"]) for p in saved["training"]] == [
+        ("small_cnn", 8),
+        ("small_cnn", 16),
+    ]
+    for p in saved["training"]:
+        assert p["status"] == "ok", p.get("error")
+        assert p["ms_per_step"] > 0 and p["examples_per_s"] > 0
+        assert p["steps_per_epoch"] == math.ceil(50_000 / p["batch_size"])
+        expected = p["ms_per_step"] / 1e3 * p["steps_per_epoch"]
+        assert p["seconds_per_epoch"] == pytest.approx(expected, rel=1e-12)
+        assert p["compiled_memory"]["temp"] > 0
+    assert [p["num_points"] for p in saved["autoattack"]] == [8, 16]
+    for p in saved["autoattack"]:
+        assert p["status"] == "ok", p.get("error")
+        assert p["seconds"] > 0 and p["seconds_first_call"] > 0
+        assert p["budget"] == {"attacks": ["apgd-ce", "square"], "n_iter": 2, "n_queries": 2}
+    assert saved["settings"]["batch_sizes"] == [8, 16] and saved["host"]["cpu_count"] >= 1
+    png = (tmp_path / "smoke.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic writes
+
+
+def test_scaling_records_timeouts_and_still_plots(tmp_path):
+    # A child cannot even import JAX in 0.3 s: every point times out, none crashes the run.
+    report = scaling.main(
+        [
+            *_SMOKE,
+            "--batch-sizes=8",
+            "--aa-points=8",
+            "--child-timeout=0.3",
+            f"--out-dir={tmp_path}",
+        ]
+    )
+    points = report["training"] + report["autoattack"]
+    assert [p["status"] for p in points] == ["timeout", "timeout"]
+    assert all("timed out after 0.3 s" in p["error"] for p in points)
+    assert json.loads((tmp_path / "smoke.json").read_text())["training"][0]["status"] == "timeout"
+    assert (tmp_path / "smoke.png").read_bytes()[:4] == b"\x89PNG"
+    # --replot redraws the figure from the JSON alone.
+    (tmp_path / "smoke.png").unlink()
+    scaling.main(["--replot", str(tmp_path / "smoke.json")])
+    assert (tmp_path / "smoke.png").exists()
+
+
+def test_scaling_isolated_point_runs_in_its_own_process(tmp_path):
+    report = scaling.main(
+        [*_SMOKE, "--batch-sizes=8", "--aa-points=", "--child-timeout=300", f"--out-dir={tmp_path}"]
+    )
+    (point,) = report["training"]
+    assert point["status"] == "ok", point.get("error")
+    assert point["isolated"] and point["ms_per_step"] > 0 and report["autoattack"] == []
+    assert point["framework_info"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"  # the child's env
+
+
+def test_scaling_records_a_failed_point_instead_of_raising():
+    args = scaling.parse_args(_SMOKE)
+    # 12 examples do not split over the suite's 8 simulated devices.
+    point = scaling.train_point("small_cnn", 12, args)
+    assert point["status"] == "error" and "does not split over 8 devices" in point["error"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--batch-sizes=0,64"],
+        ["--batch-sizes=64,big"],
+        ["--models=small_cnn,vgg"],
+        ["--aa-points=-5"],
+        ["--aa-n-iter=3"],  # a budget without --aa-version custom
+        ["--aa-version=custom", "--aa-n-queries=0"],
+        ["--models=", "--aa-points="],  # nothing to measure
+        ["--steps=0"],
+        ["--child-timeout=nan"],
+        ["--name=a/b"],
+    ],
+)
+def test_scaling_refuses_bad_input(bad, capsys):
+    with pytest.raises(SystemExit):
+        scaling.parse_args(bad)
+    assert "error:" in capsys.readouterr().err
+
+
+def test_autoattack_custom_budget():
+    assert autoattack_time.custom_budget("standard", None, None, None, None) is None
+    assert autoattack_time.custom_budget("custom", "apgd-ce, fab-t", 3, None, 2) == {
+        "attacks": ("apgd-ce", "fab-t"),
+        "n_iter": 3,
+        "n_target_classes": 2,
+    }
+    with pytest.raises(ValueError, match="--version custom"):
+        autoattack_time.custom_budget("standard", None, 10, None, None)
+    with pytest.raises(ValueError, match=">= 1"):
+        autoattack_time.custom_budget("custom", None, 0, None, None)
+
+
+def test_wide_resnet_is_wrn_34_10_and_jax_only():
+    assert throughput.MODEL_KWARGS["wide_resnet"] == {"depth": 34, "width": 10}
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--models=wide_resnet", "--frameworks=jax,torch"])
+    assert throughput.parse_args(["--models=wide_resnet", "--frameworks=jax"]).models == [
+        "wide_resnet"
+    ]
+
+
+def test_train_throughput_without_torch_says_skipped(monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "torch" else real_find_spec(name, *a),
+    )
+    report = throughput.main(
+        ["--models=small_cnn", "--frameworks=torch", "--device=cpu", "--no-isolate", "--steps=1"]
+    )
+    (r,) = report["results"]
+    assert r["skipped"] and r["error"] == "skipped: torch not installed"
+    assert report["ratios"] == []
+    captured = capsys.readouterr()
+    assert "skipped: torch not installed" in captured.out and "failed" not in captured.out
