@@ -42,8 +42,7 @@ the median of the others as *steady state*. Each run ends with its results on
 the host. Ratios are JAX / PyTorch throughput (points per second, so above 1
 means JAX is faster), from the steady-state figures of this one run. Every run
 also records its process CPU time, and the report the load average before and
-after: on a shared machine, other jobs inflate wall times (PyTorch's OpenMP
-threads suffer most when cores are oversubscribed).
+after: on a shared machine, other jobs inflate wall times.
 
 Example::
 
