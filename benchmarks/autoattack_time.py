@@ -124,7 +124,9 @@ def main(argv=None) -> None:
     )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+        from jax_memat.fileio import atomic_write  # a cut-short write leaves no torn file
+
+        with atomic_write(args.out) as f:
             json.dump(report, f, indent=2)
 
 
