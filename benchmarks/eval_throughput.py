@@ -501,7 +501,10 @@ def _torch_autoattack(net, dev, sync, images_u8, labels, args: argparse.Namespac
         robust_accuracy=float(np.mean(robust)),
         devices_used=1,
         device_name=str(dev.type) if dev.type != "cuda" else _cuda_name(dev),
-        framework_info={**_tt._torch_info(dev), "autoattack": autoattack_info()},
+        framework_info={
+            **_tt._torch_info(dev),
+            "autoattack": autoattack_info(args.autoattack_commit),
+        },
         what="autoattack.AutoAttack(norm='Linf', version='standard').run_standard_evaluation",
         per_attack_note="each attack's seconds are its perturb calls; 'other' is the rest "
         "(the reference's checks of the model, the clean pass, re-evaluating each batch)",
@@ -612,8 +615,8 @@ def _attack_label(part: str, args: argparse.Namespace) -> str:
     return f"AutoAttack ({args.aa_iters} iterations, {args.aa_queries} queries)"
 
 
-def _guarded(fn, *args) -> dict:
-    """Runs one side of one measurement; a failure is recorded, not raised."""
+def _guarded(fn, *args):
+    """Runs one side of one measurement; a failure is recorded (``{"error": ...}``), not raised."""
     try:
         return fn(*args)
     except Exception:
@@ -657,9 +660,13 @@ def bench_model(model_name: str, args: argparse.Namespace, torch_reason, aa_info
         rows = bench_model("small_cnn", parse_args(["--device=cpu"]), None, autoattack_info())
     """
     jm = _JaxModel(model_name, args.seed)
-    net = dev = sync = weights = None
+    net = dev = sync = weights = setup_error = None
     if torch_reason is None:
-        net, dev, sync = _torch_setup(model_name, jm.host_variables, args.device)
+        setup = _guarded(_torch_setup, model_name, jm.host_variables, args.device)
+        if isinstance(setup, dict):  # e.g. --device gpu without CUDA in torch
+            setup_error = setup["error"]
+        else:
+            net, dev, sync = setup
     parts = []
     if "pgd" in args.parts:
         parts.append(("pgd", args.pgd_points, args.pgd_mode, args.batch_size))
@@ -695,6 +702,9 @@ def bench_model(model_name: str, args: argparse.Namespace, torch_reason, aa_info
                 reason = f"skipped: {aa_info['reason']}"
         if reason is not None:
             rows.append({**side, "skipped": reason})
+            continue
+        if setup_error is not None:
+            rows.append({**side, "error": setup_error})
             continue
         print(f"== {model_name} / {part} / torch", file=sys.stderr, flush=True)
         fn = _torch_pgd if part == "pgd" else _torch_autoattack
