@@ -99,3 +99,39 @@ def test_compile_variant_runs_and_matches_eager():
         losses[variant] = [tb.pgd_at_step(model, opt, xv, y, steps=2).item() for _ in range(2)]
     # Inductor fuses and reorders float32 work: looser than channels_last's bound.
     assert losses["compile"] == pytest.approx(losses["eager"], rel=1e-3)
+
+
+def test_robust_eval_is_the_per_batch_loop():
+    torch.manual_seed(0)
+    model = tb.get_model("small_cnn")
+    x, y = torch.rand(10, 1, 28, 28), torch.randint(0, 10, (10,))
+    torch.manual_seed(5)
+    natural, robust = tb.robust_eval(model, x, y, batch_size=4, steps=3)
+    assert not model.training and natural.shape == robust.shape == (10,)
+    # The same attack by hand, batch by batch (4, 4, 2), from the same random state.
+    torch.manual_seed(5)
+    by_hand = []
+    for start in (0, 4, 8):
+        xb, yb = x[start : start + 4], y[start : start + 4]
+        x_adv = tb.pgd_linf(model, xb, yb, steps=3)
+        with torch.no_grad():
+            by_hand.append(model(x_adv).argmax(1) == yb)
+    assert torch.equal(robust, torch.cat(by_hand))
+    with torch.no_grad():
+        assert torch.equal(natural, model(x).argmax(1) == y)
+    with pytest.raises(ValueError, match="batch_size"):
+        tb.robust_eval(model, x, y, batch_size=0)
+
+
+def test_scaled_logits_is_the_affine_map_and_follows_eval():
+    torch.manual_seed(0)
+    net = tb.get_model("small_cnn")
+    offset = torch.zeros(10)
+    offset[0] = 100.0
+    wrapped = tb.ScaledLogits(net, 1e-3, offset).eval()
+    assert not net.training  # eval() reaches the wrapped model
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        # Same float32 operations in the same order: equal bit for bit.
+        assert torch.equal(wrapped(x), 1e-3 * net(x) + offset)
+        assert (wrapped(x).argmax(1) == 0).all()

@@ -43,6 +43,7 @@ __all__ = [
     "PreActBlock",
     "PreActResNet18",
     "ResNet18",
+    "ScaledLogits",
     "SmallCNN",
     "VARIANTS",
     "get_model",
@@ -50,6 +51,7 @@ __all__ = [
     "pgd_at_step",
     "pgd_linf",
     "prepare",
+    "robust_eval",
 ]
 
 VARIANTS = ("eager", "channels_last", "compile")
@@ -168,6 +170,32 @@ class SmallCNN(nn.Module):
         return self.linear(F.relu(self.fc1(x.flatten(1))))
 
 
+class ScaledLogits(nn.Module):
+    """``scale * model(x) + offset``: an affine map of a classifier's logits.
+
+    The evaluation benchmark's ``worst_case`` mode wraps both frameworks' models
+    in the same map (scale 1e-3, offset 100 on class 0, the label of every
+    point) so that no attack breaks any point and every attack runs its whole
+    budget at the full cost of the network's forward and backward passes.
+    Submodule ``net``, so ``eval()`` and ``to()`` reach the wrapped model.
+
+    Example::
+
+        offset = torch.zeros(10)
+        offset[0] = 100.0
+        wrapped = ScaledLogits(get_model("small_cnn"), 1e-3, offset).eval()
+    """
+
+    def __init__(self, net: nn.Module, scale: float, offset: torch.Tensor):
+        super().__init__()
+        self.net = net
+        self.scale = float(scale)
+        self.register_buffer("offset", torch.as_tensor(offset, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.net(x) + self.offset
+
+
 _MODELS = {"preact_resnet18": PreActResNet18, "resnet18": ResNet18, "small_cnn": SmallCNN}
 
 
@@ -279,3 +307,50 @@ def pgd_at_step(
     loss.backward()
     opt.step()
     return loss.detach()
+
+
+def robust_eval(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    eps: float = 8 / 255,
+    alpha: float = 2 / 255,
+    steps: int = 20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Natural and PGD accuracy per example, the evaluation loop of PGD-AT code.
+
+    As robust-overfitting and PGD-AT evaluation scripts do it: ``model.eval()``,
+    then per batch a clean forward, ``pgd_linf`` (uniform random start, ``steps``
+    sign steps of ``alpha``, projection on the ``eps``-ball and ``[0, 1]``) and a
+    forward on the adversarial batch, both forwards under ``torch.no_grad()``.
+    The last batch may be smaller. Results stay on the device (no host sync
+    per batch).
+
+    Args:
+      model: the classifier (NCHW images in [0, 1]).
+      x: all images, float32 ``[N, C, H, W]`` on the model's device.
+      y: integer labels ``[N]``.
+      batch_size: examples per batch.
+      eps, alpha, steps: the attack (PGD-20 at 8/255 with steps of 2/255 by default).
+
+    Returns:
+      ``(natural_correct, robust_correct)``, bool ``[N]`` device tensors.
+
+    Example::
+
+        natural, robust = robust_eval(model, x, y, batch_size=128)
+        robust.float().mean().item()
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model.eval()
+    natural, robust = [], []
+    for start in range(0, x.shape[0], batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        with torch.no_grad():
+            natural.append(model(xb).argmax(1) == yb)
+        x_adv = pgd_linf(model, xb, yb, eps=eps, alpha=alpha, steps=steps)
+        with torch.no_grad():
+            robust.append(model(x_adv).argmax(1) == yb)
+    return torch.cat(natural), torch.cat(robust)

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -402,3 +403,259 @@ def test_train_throughput_without_torch_says_skipped(monkeypatch, capsys):
     assert report["ratios"] == []
     captured = capsys.readouterr()
     assert "skipped: torch not installed" in captured.out and "failed" not in captured.out
+
+
+# --------------------------------------------------------------------------- eval_throughput.py
+
+evalbench = _load("eval_throughput")
+transfer = _load("weight_transfer")
+
+# A smoke-test size: PGD-2 and AutoAttack's four attacks with 2 iterations and 20
+# Square queries, on the small CNN; batches of 8 split over the 8 simulated devices.
+_TINY_EVAL = [
+    "--models=small_cnn",
+    "--device=cpu",
+    "--pgd-points=16",
+    "--aa-points=8",
+    "--batch-size=8",
+    "--pgd-steps=2",
+    "--aa-iters=2",
+    "--aa-queries=20",
+    "--repeats=1",
+    "--aa-repeats=1",
+]
+
+
+def test_eval_throughput_jax_side_and_torch_recorded_as_skipped(tmp_path, monkeypatch, capsys):
+    # As on CI, whatever is installed here: `import torch` fails.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    out = tmp_path / "eval.json"
+    report = evalbench.main([*_TINY_EVAL, f"--out={out}"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    rows = {(r["part"], r["framework"]): r for r in report["results"]}
+    assert set(rows) == {
+        ("pgd", "jax"),
+        ("pgd", "torch"),
+        ("autoattack", "jax"),
+        ("autoattack", "torch (autoattack package)"),
+    }
+    for key in [("pgd", "torch"), ("autoattack", "torch (autoattack package)")]:
+        assert rows[key]["skipped"] == "skipped: torch not installed"
+    assert report["ratios"] == []
+    assert report["versions"]["torch"] == "skipped: torch not installed"
+    assert {"jax", "jaxlib", "flax"} <= set(report["versions"])
+    assert report["command"].startswith("python benchmarks/eval_throughput.py --models=small_cnn")
+    load = report["host"]["load_average_1_5_15_min_before"]
+    assert load is None or (len(load) == 3 and min(load) >= 0)
+
+    pgd = rows[("pgd", "jax")]
+    assert "error" not in pgd, pgd.get("error")
+    assert pgd["attack"] == "PGD-2" and pgd["points"] == 16 and pgd["devices_used"] == 8
+    assert pgd["examples_per_s"] == pytest.approx(16 / pgd["steady_median_s"], rel=1e-12)
+    assert pgd["first_call_s"] > 0 and len(pgd["runs"]) == 2  # first call, 1 repeat
+    assert all(r["cpu_s"] > 0 for r in pgd["runs"])
+    # plain mode: labels are the clean predictions, so every point starts correct.
+    assert pgd["clean_accuracy"] == 1.0
+    assert 0.0 <= pgd["robust_accuracy"] <= pgd["clean_accuracy"]
+
+    aa = rows[("autoattack", "jax")]
+    assert "error" not in aa, aa.get("error")
+    assert aa["mode"] == "worst_case" and aa["attack"].startswith("AutoAttack (2 iterations")
+    # worst_case: no attack can break a point, and every output passed the checks.
+    assert aa["clean_accuracy"] == 1.0 and aa["robust_accuracy"] == 1.0
+    for run in aa["runs"]:
+        assert list(run["accuracy_after_each_attack"]) == ["clean", *evalbench.AUTOATTACK_ATTACKS]
+        assert set(run["accuracy_after_each_attack"].values()) == {1.0}
+        assert {k: v for k, v in run["checks"].items() if k != "max_perturbation"} == {
+            "outside_eps": 0,
+            "outside_box": 0,
+            "nonfinite": 0,
+            "flag_mismatch": 0,
+        }
+        # The attacks take (nearly) all of the run's time.
+        assert sum(run["seconds_per_attack"].values()) <= run["total_s"]
+    assert aa["seconds_per_1000_points"] == pytest.approx(
+        1000 * aa["runs"][1]["total_s"] / 8, rel=1e-12
+    )
+    text = capsys.readouterr().out
+    assert "skipped: torch not installed" in text and "| small_cnn | PGD-2 | jax |" in text
+
+
+def test_eval_throughput_refuses_bad_input_before_compiling(tmp_path):
+    for bad in (
+        ["--pgd-points=0"],
+        ["--aa-batch-size=-8"],
+        ["--models=small_cnn,vgg"],
+        ["--parts=pgd,cw"],
+        ["--aa-mode=average"],
+        ["--autoattack-commit=HEAD"],
+    ):
+        with pytest.raises(SystemExit):
+            evalbench.parse_args(bad)
+    out = tmp_path / "never.json"
+    # 12 points per batch do not split over the 8 simulated devices.
+    with pytest.raises(ValueError, match="--aa-batch-size 12 does not split.*multiples of 8"):
+        evalbench.main(["--device=cpu", "--aa-batch-size=12", f"--out={out}"])
+    assert not out.exists()
+
+
+def test_worst_case_wrapper_is_the_documented_affine_map():
+    import jax.numpy as jnp
+
+    def apply_fn(variables, images, train):
+        return images.reshape(len(images), -1)[:, :10] * variables["w"], {}
+
+    x, w = jnp.arange(20.0).reshape(2, 10), jnp.float32(3.0)
+    wrapped = evalbench.attacked_apply_fn(apply_fn, "worst_case")
+    expected = 1e-3 * 3.0 * np.arange(20.0).reshape(2, 10)
+    expected[:, 0] += 100.0
+    np.testing.assert_allclose(wrapped({"w": w}, x, False)[0], expected, rtol=1e-6)
+    assert evalbench.attacked_apply_fn(apply_fn, "plain") is apply_fn
+    with pytest.raises(ValueError, match="accepted: plain, worst_case"):
+        evalbench.attacked_apply_fn(apply_fn, "mild")
+
+
+def _small_cnn_variables():
+    import jax
+
+    from jax_memat.models import get_model, init_model
+
+    return init_model(get_model("small_cnn", 10), jax.random.key(0), (28, 28, 1))
+
+
+def test_weight_transfer_layouts_without_torch():
+    import jax
+
+    variables = _small_cnn_variables()
+    arrays = transfer.torch_state_arrays("small_cnn", variables)
+    params, stats = variables["params"], variables["batch_stats"]
+    # HWIO -> OIHW, [in, out] -> [out, in].
+    np.testing.assert_array_equal(
+        arrays["conv2.weight"], np.transpose(params["conv2"]["kernel"], (3, 2, 0, 1))
+    )
+    np.testing.assert_array_equal(arrays["linear.weight"], np.asarray(params["linear"]["kernel"]).T)
+    np.testing.assert_array_equal(arrays["bn2.running_var"], stats["bn2"]["var"])
+    np.testing.assert_array_equal(arrays["bn1.weight"], params["bn1"]["scale"])
+    # fc1: the same 4x4x64 map flattened as each framework does gives the same product.
+    # Integer-valued entries keep every sum exact, whatever the order.
+    rng = np.random.default_rng(0)
+    fmap = rng.integers(-3, 4, size=(4, 4, 64)).astype(np.float32)
+    kernel = rng.integers(-3, 4, size=(4 * 4 * 64, 128)).astype(np.float32)
+    arrays = transfer.torch_state_arrays(
+        "small_cnn", {**variables, "params": {**params, "fc1": {**params["fc1"], "kernel": kernel}}}
+    )
+    np.testing.assert_array_equal(
+        arrays["fc1.weight"] @ fmap.transpose(2, 0, 1).reshape(-1), fmap.reshape(-1) @ kernel
+    )
+    n_flax = sum(np.size(v) for v in jax.tree.leaves(variables))
+    n_torch = sum(v.size for k, v in arrays.items() if not k.endswith("num_batches_tracked"))
+    assert n_torch == n_flax  # every Flax value went somewhere, once
+    with pytest.raises(ValueError, match="accepted: preact_resnet18, resnet18, small_cnn"):
+        transfer.torch_state_arrays("vgg16", variables)
+    with pytest.raises(ValueError, match="no batch_stats mean and var"):
+        transfer.torch_state_arrays("small_cnn", {"params": params})
+
+
+def _randomized(variables, seed):
+    """Every BatchNorm value and bias away from its initial 0 / 1, so a mixed-up field shows."""
+    import jax
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        name, shape = path[-1].key, np.shape(x)
+        if name == "var":
+            return rng.uniform(0.5, 2.0, shape).astype(np.float32)
+        if name == "scale":
+            return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        if name in ("mean", "bias"):
+            return rng.normal(0.0, 0.2, shape).astype(np.float32)
+        return np.asarray(x)
+
+    return jax.tree_util.tree_map_with_path(draw, variables)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "preact_resnet18", "resnet18"])
+def test_weight_transfer_gives_the_same_logits(name):
+    torch = pytest.importorskip("torch")
+    import jax
+    import torch_baseline
+
+    from jax_memat.models import get_model, init_model, make_apply_fn
+
+    shape = throughput.image_shape(name)
+    module = get_model(name, 10)
+    variables = _randomized(init_model(module, jax.random.key(1), shape), seed=2)
+    x = np.random.default_rng(3).uniform(size=(4, *shape)).astype(np.float32)
+    expected = np.asarray(jax.jit(lambda v, x: make_apply_fn(module)(v, x, False)[0])(variables, x))
+    net = transfer.load_into_torch(torch_baseline.get_model(name), name, variables).eval()
+
+    def torch_logits(model):
+        with torch.no_grad():
+            return model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+
+    # float32 round-off grows with depth: a few ulps of the largest logit per layer
+    # (conv and dense layers: 4 in the small CNN, 21 in the ResNets), times 16. Measured
+    # on an AMD EPYC: 2 (small CNN), 6 and 14 (ResNets) ulps of the largest logit.
+    layers = sum(
+        1
+        for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
+        if path[-1].key == "kernel"
+    )
+    tol = 16 * layers * np.finfo(np.float32).eps * np.abs(expected).max()
+    assert np.abs(torch_logits(net) - expected).max() <= tol
+    if name == "small_cnn":
+        # The check can fail: fc1's rows left in Flax's (h, w, c) order are far off.
+        arrays = transfer.torch_state_arrays(name, variables)
+        kernel = np.asarray(variables["params"]["fc1"]["kernel"])
+        arrays["fc1.weight"] = np.ascontiguousarray(kernel.T)
+        wrong = torch_baseline.get_model(name)
+        wrong.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+        assert np.abs(torch_logits(wrong.eval()) - expected).max() > 100 * tol
+
+
+def test_weight_transfer_refuses_another_architecture():
+    pytest.importorskip("torch")
+    import torch_baseline
+
+    with pytest.raises(ValueError, match="PyTorch entries without a Flax value"):
+        transfer.load_into_torch(
+            torch_baseline.get_model("preact_resnet18"), "small_cnn", _small_cnn_variables()
+        )
+
+
+def test_eval_throughput_against_torch_and_the_reference_autoattack(capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("autoattack")  # the reference package, never a dependency
+    report = evalbench.main([*_TINY_EVAL, "--frameworks=jax,torch"])
+    errors = [r["error"] for r in report["results"] if "error" in r]
+    assert not errors, errors
+    rows = {(r["part"], r["framework"]): r for r in report["results"]}
+    weights = rows[("pgd", "jax")]["weights_check"]
+    assert weights["same_predictions"] == weights["points"] == 8
+    assert weights["max_abs_logit_difference"] <= 1e-5 * max(1.0, weights["max_abs_logit"])
+    pgd_jax, pgd_torch = rows[("pgd", "jax")], rows[("pgd", "torch")]
+    # Same weights, same labels: both see every point correct before the attack.
+    assert pgd_jax["clean_accuracy"] == pgd_torch["clean_accuracy"] == 1.0
+    # Random starts differ between the frameworks, so only the rates agree, loosely
+    # on 16 points.
+    assert abs(pgd_jax["robust_accuracy"] - pgd_torch["robust_accuracy"]) <= 0.25
+    ref = rows[("autoattack", "torch (autoattack package)")]
+    run = ref["runs"][-1]
+    assert run["accuracy_after_each_attack"] == {
+        "clean": 1.0,
+        **dict.fromkeys(evalbench.AUTOATTACK_ATTACKS, 1.0),
+    }
+    assert sum(run["seconds_per_attack"].values()) == pytest.approx(run["total_s"], rel=1e-9)
+    assert all(run["seconds_per_attack"][a] > 0 for a in evalbench.AUTOATTACK_ATTACKS)
+    by_part = {q["part"]: q for q in report["ratios"]}
+    assert by_part["autoattack"]["robust_accuracy_jax"] == 1.0
+    assert by_part["autoattack"]["robust_accuracy_torch"] == 1.0
+    assert by_part["autoattack"]["throughput_ratio_jax_over_torch"] == pytest.approx(
+        ref["seconds_per_1000_points"] / rows[("autoattack", "jax")]["seconds_per_1000_points"],
+        rel=1e-12,
+    )
+    assert by_part["pgd"]["throughput_ratio_jax_over_torch"] == pytest.approx(
+        pgd_jax["examples_per_s"] / pgd_torch["examples_per_s"], rel=1e-12
+    )
+    assert "| small_cnn | PGD-2 | torch |" in capsys.readouterr().out
