@@ -16,7 +16,9 @@ operation of the compiled program is attributed to
   convolution, YNNPACK's or XLA's own), ``dot``, ``sort``, ``copy/transpose``,
   ``reduce-window``, or ``elementwise`` (every other fusion);
 * which direction: ``forward`` or ``backward`` (an operation JAX created by
-  differentiating, ``transpose(jvp(...))`` in its name).
+  differentiating, ``transpose(jvp(...))`` in its name, or a convolution
+  without a name: XLA:CPU rewrites weight-gradient convolutions into its
+  canonical form and drops their names).
 
 The sum of the operations is less than the wall time of the step: the rest is
 the runtime (thread-pool hand-offs between operations, the loop's bookkeeping).
@@ -50,6 +52,8 @@ _WRAPPERS = ("ThunkExecutor", "SlinkyThreadPool", "$", "PjitFunction")
 def _instruction_table(hlo_text: str) -> dict[str, dict]:
     """Per instruction of the compiled module: its kind, op_name and the computation it calls."""
     computations: dict[str, list[str]] = {}
+    differentiated: set[str] = set()  # computations with an instruction autodiff made
+    named: set[str] = set()  # computations with any instruction that kept its op_name
     current = None
     table: dict[str, dict] = {}
     for line in hlo_text.splitlines():
@@ -64,6 +68,10 @@ def _instruction_table(hlo_text: str) -> dict[str, dict]:
         name, opcode = m.groups()
         computations[current].append(opcode)
         op_name = re.search(r'op_name="([^"]*)"', line)
+        if op_name and "transpose(jvp" in op_name.group(1):
+            differentiated.add(current)
+        if op_name:
+            named.add(current)
         calls = re.search(r"calls=%([\w.\-]+)", line)
         table[name] = {
             "opcode": opcode,
@@ -72,6 +80,12 @@ def _instruction_table(hlo_text: str) -> dict[str, dict]:
         }
     for info in table.values():
         info["called_opcodes"] = computations.get(info["calls"], []) if info["calls"] else []
+        # A fusion's own metadata is often its root's or none: look inside too.
+        info["backward"] = "transpose(jvp" in info["op_name"] or info["calls"] in differentiated
+        # XLA:CPU rewrites a weight-gradient convolution into a canonical one
+        # and the rewritten instruction carries no name; JAX's own forward
+        # convolutions keep theirs.
+        info["unnamed"] = not info["op_name"] and info["calls"] not in named
     return table
 
 
@@ -151,7 +165,10 @@ def profile(model: str, batch_size: int, attack_steps: int) -> dict:
             continue  # Python-side events of the profiler itself
         where = "attack" if calls[name] >= attack_steps and attack_steps > 1 else "update"
         kind = _kind(name, info)
-        direction = "backward" if info and "transpose(jvp" in info["op_name"] else "forward"
+        backward = info is not None and (
+            info["backward"] or (kind == "convolution" and info["unnamed"])
+        )
+        direction = "backward" if backward else "forward"
         breakdown[(where, kind, direction)] += us
         top.append((us, name, where, kind, direction, calls[name]))
     top.sort(reverse=True)
