@@ -481,8 +481,15 @@ def main(argv: list[str] | None = None) -> dict:
         # Written after every point, so a run cut short keeps what it measured.
         tt._write_json(json_path, _report(args, training, autoattack))
     report = _report(args, training, autoattack)
-    plot(report, png_path)
     print(markdown(report))
+    try:
+        plot(report, png_path)
+    except ImportError as e:  # e.g. a GPU machine without matplotlib: the JSON is kept
+        print(
+            f"wrote {json_path}; no plot ({e}): redraw it elsewhere with --replot {json_path}",
+            file=sys.stderr,
+        )
+        return report
     print(f"wrote {json_path} and {png_path}", file=sys.stderr)
     return report
 

@@ -306,6 +306,20 @@ def test_scaling_cpu_smoke(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic writes
 
 
+def test_scaling_without_matplotlib_keeps_the_json(tmp_path, monkeypatch, capsys):
+    def no_matplotlib(report, path):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(scaling, "plot", no_matplotlib)
+    args = [a for a in _SMOKE if not a.startswith("--batch-sizes")]
+    scaling.main([*args, "--batch-sizes=8", "--no-isolate", f"--out-dir={tmp_path}"])
+    assert json.loads((tmp_path / "smoke.json").read_text())["training"][0]["status"] == "ok"
+    assert not (tmp_path / "smoke.png").exists()
+    captured = capsys.readouterr()
+    assert "no plot" in captured.err and "--replot" in captured.err
+    assert "| small_cnn | 8 | ok |" in captured.out
+
+
 def test_scaling_records_timeouts_and_still_plots(tmp_path):
     # A child cannot even import JAX in 0.3 s: every point times out, none crashes the run.
     report = scaling.main(
