@@ -68,8 +68,11 @@ def residual_bytes(fn, x) -> int:
     """Bytes of what ``jax.vjp(fn, x)`` saves for the backward pass, inputs left out.
 
     The residuals are the leaves of the VJP function; those that are the
-    differentiated input itself (already in memory) and constants are not
-    counted. Read from a jaxpr: nothing runs.
+    differentiated input itself (already in memory) and literals are not
+    counted. Arrays ``fn`` closes over that the backward pass needs are
+    counted (for an attack iteration, the network's kernels; for the training
+    pass, the batch), so the figure can overlap the state and the batch it is
+    added to, by their size at most. Read from a jaxpr: nothing runs.
 
     Args:
       fn: a function of one pytree ``x``.

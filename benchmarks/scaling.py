@@ -6,7 +6,8 @@ Two measurements, written as one JSON report and one PNG figure:
   PGD-AT step, built and timed by ``train_throughput.bench_jax`` (PGD-10, L-inf
   8/255, SGD; random CIFAR-shaped data; ``--warmup`` untimed steps, then
   ``--steps`` timed ones): ms per step, converted to seconds per CIFAR-10 epoch
-  of 50,000 examples, ``ceil(50000 / B)`` steps of batch ``B``.
+  of 50,000 examples, ``50000 // B`` steps of batch ``B`` (the training loop
+  drops the last partial batch, ``jax_memat.data.pipeline.steps_per_epoch``).
 * **AutoAttack.** ``autoattack_time.run`` on ``--aa-points`` random points
   (worst case by default: every point survives every attack, the upper bound
   of its cost): seconds of the second call, without compilation.
@@ -52,13 +53,18 @@ _OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM whe
 
 
 def steps_per_epoch(batch_size: int, examples: int = CIFAR10_TRAIN_EXAMPLES) -> int:
-    """Steps of one epoch, the last batch counted whole: ``ceil(examples / batch_size)``.
+    """Steps of one epoch as the training loop runs it: ``examples // batch_size``.
+
+    The library's input pipeline drops the last partial batch
+    (``jax_memat.data.pipeline.steps_per_epoch``); so does this count.
 
     Example:
       >>> steps_per_epoch(128)
-      391
+      390
     """
-    return -(-examples // batch_size)
+    from jax_memat.data.pipeline import steps_per_epoch as pipeline_steps
+
+    return pipeline_steps(examples, batch_size)
 
 
 def failure_status(error_text: str) -> str:

@@ -168,6 +168,22 @@ def test_solvers_agree_on_ties_and_saturated_rows(project):
     np.testing.assert_array_equal(d_auto, d_bisect if jax.default_backend() == "cpu" else d_sort)
 
 
+@pytest.mark.parametrize("project", [project_linf, project_l2])
+def test_solvers_agree_on_points_outside_the_box(project):
+    # Public projections accept any points; a coordinate outside [0, 1] has a
+    # negative breakpoint, saturated at every level, in both solvers.
+    rng = np.random.default_rng(6)
+    t = rng.uniform(-0.2, 1.2, size=(32, 40)).astype(np.float32)
+    w = rng.normal(size=(32, 40)).astype(np.float32)
+    b = (np.sum(w * t, 1) - rng.uniform(-3, 3, size=32)).astype(np.float32)
+    d_sort, d_bisect = (
+        np.asarray(project(*map(jnp.asarray, (t, w, b)), solver=s), np.float64)
+        for s in ("sort", "bisect")
+    )
+    scale = max(1.0, float(np.abs(d_sort).max()))
+    np.testing.assert_allclose(d_bisect, d_sort, rtol=0, atol=4 * 40 * 8 * F32_EPS * scale)
+
+
 def test_unknown_solver_is_refused():
     with pytest.raises(ValueError, match="solver='heap'"):
         project_linf(jnp.zeros((1, 2)), jnp.ones((1, 2)), jnp.zeros(1), solver="heap")
