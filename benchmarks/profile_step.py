@@ -223,8 +223,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.attack_steps < 2:
         parser.error("--batch-size must be >= 1 and --attack-steps >= 2 (to tell the loop apart)")
-    import train_throughput as tt
-
     from jax_memat.models import MODEL_NAMES
 
     if args.model not in MODEL_NAMES:
@@ -233,7 +231,6 @@ def main(argv=None) -> int:
     if _TRACE_FLAG not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {_TRACE_FLAG}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    del tt
     report = profile(args.model, args.batch_size, args.attack_steps)
     print(_markdown(report))
     if args.out:

@@ -70,35 +70,33 @@ def test_prepare_refuses_unknown_variant():
         tb.prepare(tb.get_model("small_cnn"), torch.rand(2, 1, 28, 28), "nhwc")
 
 
+def _two_steps(variant, x, y):
+    """The model, batch and losses of two PGD-AT steps of one baseline variant, seeded alike."""
+    torch.manual_seed(0)
+    model, xv = tb.prepare(tb.get_model("small_cnn"), x.clone(), variant)
+    opt = tb.make_sgd(model, lr=0.01)
+    torch.manual_seed(1)  # the same random start
+    return model, xv, [tb.pgd_at_step(model, opt, xv, y, steps=2).item() for _ in range(2)]
+
+
 def test_channels_last_variant_computes_the_same_step():
     x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
-    losses = {}
-    for variant in ("eager", "channels_last"):
-        torch.manual_seed(0)
-        model, xv = tb.prepare(tb.get_model("small_cnn"), x.clone(), variant)
-        if variant == "channels_last":
-            assert xv.is_contiguous(memory_format=torch.channels_last)
-            assert model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
-        opt = tb.make_sgd(model, lr=0.01)
-        torch.manual_seed(1)  # the same random start
-        losses[variant] = [tb.pgd_at_step(model, opt, xv, y, steps=2).item() for _ in range(2)]
+    _, _, eager = _two_steps("eager", x, y)
+    model, xv, channels_last = _two_steps("channels_last", x, y)
+    assert xv.is_contiguous(memory_format=torch.channels_last)
+    assert model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
     # Same math in another memory order: float32 sums in another order, a few ulps of a
     # loss of about 2.3 over two steps.
-    assert losses["channels_last"] == pytest.approx(losses["eager"], rel=1e-4)
+    assert channels_last == pytest.approx(eager, rel=1e-4)
 
 
 @pytest.mark.slow
 def test_compile_variant_runs_and_matches_eager():
     x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
-    losses = {}
-    for variant in ("eager", "compile"):
-        torch.manual_seed(0)
-        model, xv = tb.prepare(tb.get_model("small_cnn"), x.clone(), variant)
-        opt = tb.make_sgd(model, lr=0.01)
-        torch.manual_seed(1)
-        losses[variant] = [tb.pgd_at_step(model, opt, xv, y, steps=2).item() for _ in range(2)]
+    _, _, eager = _two_steps("eager", x, y)
+    _, _, compiled = _two_steps("compile", x, y)
     # Inductor fuses and reorders float32 work: looser than channels_last's bound.
-    assert losses["compile"] == pytest.approx(losses["eager"], rel=1e-3)
+    assert compiled == pytest.approx(eager, rel=1e-3)
 
 
 def test_robust_eval_is_the_per_batch_loop():
